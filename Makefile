@@ -1,0 +1,32 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUN_DIR ?= runs/breast_cancer
+
+.PHONY: demo test test-fast bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hetrain needs Python 3.11+, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/hetrain demo-data
+	$(BIN)/hetrain train configs/breast_cancer.yaml --run-dir $(RUN_DIR)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(VENV)/.installed
+	$(BIN)/hetrain bench
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,215 @@
+"""The run configuration: YAML validated once at the entry point by pydantic."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .params import CkksParams
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OwnerConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    path: Path
+    features: list[str] = Field(min_length=1)
+    label: bool = False
+
+
+class DataConfig(_Strict):
+    partition: Literal["horizontal", "vertical"]
+    id_column: str = "id"
+    label_column: str = "label"
+    task: Literal["binary", "multiclass"]
+    num_classes: int = Field(2, ge=2, le=1000)
+    test_fraction: float = Field(0.2, gt=0.0, le=0.9)
+    owners: list[OwnerConfig] = Field(min_length=1)
+
+
+class LayerConfig(_Strict):
+    kind: Literal["linear", "relu", "tanh", "sigmoid"]
+    name: str | None = None
+    out_features: int | None = Field(None, ge=1, le=4096)
+
+
+class ModelConfig(_Strict):
+    layers: list[LayerConfig] = Field(min_length=1)
+    loss: Literal["binary_cross_entropy", "softmax_cross_entropy"]
+
+
+class OptimizerConfig(_Strict):
+    kind: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    rounds: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=8, le=4096)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+    patience: int | None = Field(None, ge=1)
+
+
+class RevealPoint(_Strict):
+    allow_invertible: bool = False
+
+
+class FloodingConfig(_Strict):
+    security_bits: int = Field(30, ge=0, le=128)
+    budget: int = Field(65536, ge=1, le=2**40)
+
+
+class PolicyConfig(_Strict):
+    cipher_layers: list[str] = Field(min_length=1)
+    reveals: dict[str, RevealPoint]
+    min_batch: int = Field(32, ge=1)
+    labels: Literal["reveal"] = "reveal"
+    mask_bound: float = Field(64.0, gt=0.0)
+    flooding: FloodingConfig = FloodingConfig()
+
+
+class CkksConfig(_Strict):
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: list[int] = [60, 50, 60]
+    scale_bits: int = 50
+
+    def params(self) -> CkksParams:
+        return CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.scale_bits)
+
+
+class ReportConfig(_Strict):
+    plaintext_twin: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    policy: PolicyConfig
+    ckks: CkksConfig = CkksConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        _check_model(self)
+        return self
+
+
+def _check_model(cfg: RunConfig) -> None:
+    names = []
+    for i, layer in enumerate(cfg.model.layers):
+        if layer.kind == "linear" and (layer.name is None or layer.out_features is None):
+            raise ValueError(f"model.layers[{i}]: a linear layer needs 'name' and 'out_features'")
+        if layer.kind != "linear" and layer.out_features is not None:
+            raise ValueError(f"model.layers[{i}]: '{layer.kind}' takes no out_features")
+        if layer.name:
+            names.append(layer.name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"model.layers: layer names must be unique, got {names}")
+    first = cfg.model.layers[0]
+    if first.kind != "linear":
+        raise ValueError("model.layers[0] must be linear: the encrypted input enters through it")
+    if cfg.policy.cipher_layers != [first.name]:
+        raise ValueError(
+            f"policy.cipher_layers must be [{first.name!r}] (the first linear layer): a second "
+            f"ciphertext layer needs multiplicative depth 2, which exceeds the 1 level of "
+            f"coeff_mod_bit_sizes {cfg.ckks.coeff_mod_bit_sizes}; got {cfg.policy.cipher_layers}"
+        )
+    unknown = set(cfg.policy.reveals) - set(cfg.policy.cipher_layers)
+    if unknown or not cfg.policy.reveals:
+        raise ValueError(
+            f"policy.reveals must name ciphertext layers whose outputs may be revealed "
+            f"(allowed: {cfg.policy.cipher_layers}); got {sorted(cfg.policy.reveals)}"
+        )
+    last = [layer for layer in cfg.model.layers if layer.kind == "linear"][-1]
+    want = 1 if cfg.model.loss == "binary_cross_entropy" else cfg.data.num_classes
+    if last.out_features != want:
+        raise ValueError(
+            f"model.layers: the last linear layer '{last.name}' must have out_features={want} "
+            f"for loss {cfg.model.loss} with num_classes={cfg.data.num_classes}; got {last.out_features}"
+        )
+    if (cfg.data.task == "binary") != (cfg.model.loss == "binary_cross_entropy"):
+        raise ValueError(f"model.loss {cfg.model.loss} does not fit data.task {cfg.data.task}")
+    if cfg.train.batch_size & (cfg.train.batch_size - 1):
+        raise ValueError(f"train.batch_size must be a power of two in [8, 4096]; got {cfg.train.batch_size}")
+    if cfg.policy.min_batch > cfg.train.batch_size:
+        raise ValueError(
+            f"policy.min_batch={cfg.policy.min_batch} exceeds train.batch_size={cfg.train.batch_size}; "
+            f"every gradient reveal would be refused"
+        )
+    owners = cfg.data.owners
+    labelled = [o.name for o in owners if o.label]
+    if cfg.data.partition == "vertical" and len(labelled) != 1:
+        raise ValueError(f"data.owners: exactly one owner must hold the labels (label: true); got {labelled}")
+    if cfg.data.partition == "horizontal":
+        if len(labelled) != len(owners):
+            raise ValueError("data.owners: in a horizontal split every owner holds labels (label: true)")
+        if len({tuple(o.features) for o in owners}) != 1:
+            raise ValueError("data.owners: in a horizontal split every owner must declare the same features")
+    if len({o.name for o in owners}) != len(owners):
+        raise ValueError("data.owners: owner names must be unique")
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Keys allowed at the parent of `loc` inside `model`, for unknown-key messages."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return sorted(current.model_fields) if current else []
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    """One line per problem: the key, what is allowed, and the value received."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(RunConfig, err["loc"])
+            lines.append(f"{source}: unknown key '{loc}' (allowed here: {', '.join(allowed)})")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: key '{loc}' is required")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: key '{loc}': {msg}; got {err.get('input')!r}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, source: str = "config") -> RunConfig:
+    """Validate a config mapping; raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path) -> tuple[RunConfig, Path]:
+    """Read and validate a YAML config; owner paths are resolved relative to the config's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    cfg = parse_config(raw, str(path))
+    owners = [o.model_copy(update={"path": (path.parent / o.path).resolve()}) for o in cfg.data.owners]
+    data = cfg.data.model_copy(update={"owners": owners})
+    return cfg.model_copy(update={"data": data}), path.resolve()

@@ -1,0 +1,52 @@
+"""Named exceptions: each protocol failure has its own type, and messages say what, where and what is allowed."""
+
+
+class HetrainError(Exception):
+    """Base class for every error hetrain raises on purpose."""
+
+
+class ConfigError(HetrainError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class SchemaError(HetrainError):
+    """A data owner's table does not match its declared schema."""
+
+
+class AlignmentError(SchemaError):
+    """Vertically partitioned tables do not share the same IDs."""
+
+
+class SecurityParameterError(HetrainError):
+    """CKKS parameters break the 128-bit security bound or the circuit depth."""
+
+
+class BundleError(HetrainError):
+    """A ciphertext bundle or manifest is malformed."""
+
+
+class DigestMismatch(BundleError):
+    """A blob's SHA-256 does not match its manifest."""
+
+
+class ForeignKeyError(BundleError):
+    """A ciphertext or context was made under another key than the key holder's."""
+
+
+class PolicyRefusal(HetrainError):
+    """The key holder refused a reveal because a policy rule forbids it."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(f"policy rule '{rule}' refused the reveal: {message}")
+        self.rule = rule
+
+
+class BudgetExhausted(PolicyRefusal):
+    """The per-key decryption budget is spent; the key must be rotated."""
+
+    def __init__(self, message: str):
+        super().__init__("decryption_budget", message)
+
+
+class CheckpointError(HetrainError):
+    """A checkpoint is missing, torn or does not match this run."""

@@ -1,0 +1,104 @@
+"""Slot packing: how a batch of samples is laid out in CKKS slots, and the plain vectors that go with it.
+
+Two layouts share one segment width `seg` (a power of two >= the widest owner's feature count):
+
+* rows (sample-major): slot ``i*seg + j`` holds sample i, feature j. The forward product
+  X·W[:, k] is one ciphertext × plain vector followed by a rotate-and-sum inside each
+  seg-wide segment, which leaves z[i, k] in slot ``i*seg``.
+* cols (feature-major): slot ``j*T + i`` holds feature j of sample i, with T = slots/seg.
+  The gradient X^T·delta[:, k] is one ciphertext × plain vector followed by a
+  rotate-and-sum inside each T-wide segment, which leaves G[j, k] in slot ``j*T``.
+
+Both layouts hold ``slots/seg`` samples per ciphertext, so a batch chunk c covers the same
+samples in either layout, and in every owner's bundle.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class PackingPlan:
+    """Segment width and slot count shared by every owner's bundle in a run."""
+
+    slots: int
+    seg: int
+
+    def __post_init__(self):
+        if self.seg < 1 or self.seg & (self.seg - 1) or self.seg > self.slots:
+            raise ConfigError(f"packing seg must be a power of two in [1, {self.slots}], got {self.seg}")
+
+    @classmethod
+    def for_features(cls, feature_counts: list[int], slots: int) -> "PackingPlan":
+        """The narrowest plan that fits the widest owner."""
+        widest = max(feature_counts)
+        if widest > slots:
+            raise ConfigError(f"an owner has {widest} features; at most {slots} fit in one ciphertext")
+        return cls(slots=slots, seg=next_pow2(widest))
+
+    @property
+    def samples_per_ct(self) -> int:
+        return self.slots // self.seg
+
+    @property
+    def col_seg(self) -> int:
+        """Length T of a feature segment in the cols layout."""
+        return self.slots // self.seg
+
+    def chunks(self, n: int) -> list[slice]:
+        """Sample ranges held by each ciphertext of an n-sample batch."""
+        spc = self.samples_per_ct
+        return [slice(s, min(s + spc, n)) for s in range(0, n, spc)]
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] > self.seg or x.shape[0] > self.samples_per_ct:
+            raise ConfigError(
+                f"a chunk must be at most {self.samples_per_ct} samples × {self.seg} features, "
+                f"got shape {x.shape}"
+            )
+        return x
+
+    def rows_vector(self, chunk: np.ndarray) -> np.ndarray:
+        """Plain slots for one chunk in the rows layout."""
+        chunk = self._check(chunk)
+        out = np.zeros((self.samples_per_ct, self.seg))
+        out[: chunk.shape[0], : chunk.shape[1]] = chunk
+        return out.reshape(-1)
+
+    def cols_vector(self, chunk: np.ndarray) -> np.ndarray:
+        """Plain slots for one chunk in the cols layout."""
+        chunk = self._check(chunk)
+        out = np.zeros((self.seg, self.col_seg))
+        out[: chunk.shape[1], : chunk.shape[0]] = chunk.T
+        return out.reshape(-1)
+
+    def weight_vector(self, w_col: np.ndarray) -> np.ndarray:
+        """W[:, k] for one owner's features, tiled once per sample (rows layout)."""
+        seg_vals = np.zeros(self.seg)
+        seg_vals[: len(w_col)] = w_col
+        return np.tile(seg_vals, self.samples_per_ct)
+
+    def delta_vector(self, delta_chunk: np.ndarray, n_features: int) -> np.ndarray:
+        """delta[chunk, k] tiled once per feature segment (cols layout)."""
+        seg_vals = np.zeros(self.col_seg)
+        seg_vals[: len(delta_chunk)] = delta_chunk
+        out = np.zeros((self.seg, self.col_seg))
+        out[:n_features] = seg_vals
+        return out.reshape(-1)
+
+    def rows_result_slots(self, n: int) -> tuple[int, int]:
+        """(stride, count) of the slots that hold z[i, k] after the rows rotate-and-sum."""
+        return self.seg, n
+
+    def cols_result_slots(self, n_features: int) -> tuple[int, int]:
+        """(stride, count) of the slots that hold G[j, k] after the cols rotate-and-sum."""
+        return self.col_seg, n_features

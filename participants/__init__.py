@@ -1,0 +1,1 @@
+"""Data owners and the key holder: everything that runs on a participant's own machine."""

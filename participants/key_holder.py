@@ -1,0 +1,151 @@
+"""The key holder: the only code in hetrain that creates, loads or uses a secret key.
+
+It makes the CKKS context, publishes the public context, and answers blinded reveal
+requests: policy check, budget check, decryption, flooding noise, audit entry.
+Its files live under RUN_DIR/key_holder/ and nowhere else.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tenseal as ts
+
+from mpc_ops import ckks, flooding, store, wire
+from mpc_ops.config import PolicyConfig
+from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal
+from mpc_ops.params import CkksParams
+from mpc_ops.policy import LayerShape, check_reveal
+from mpc_ops.reveal import RevealRequest, RevealResponse
+
+SECRET_FILE = "secret_context.bin"
+STATE_FILE = "state.json"
+AUDIT_FILE = "audit.jsonl"
+
+
+class KeyHolder:
+    """Holds the secret key, the decryption budget and the audit log."""
+
+    def __init__(self, directory: Path, context: ts.Context, params: CkksParams,
+                 policy: PolicyConfig, shapes: dict[str, LayerShape]):
+        self.directory, self._context, self.params = Path(directory), context, params
+        self.policy, self.shapes = policy, shapes
+        self.key_id = ckks.key_id(context)
+        state = self._read_state()
+        self.decryptions_used = int(state.get("decryptions_used", 0))
+        self._last_hash = state.get("audit_head", "0" * 64)
+        self._seq = int(state.get("audit_seq", 0))
+
+    # ---- lifecycle -------------------------------------------------------------------
+    @classmethod
+    def open_or_create(cls, directory: Path, params: CkksParams, policy: PolicyConfig,
+                       shapes: dict[str, LayerShape]) -> "KeyHolder":
+        """Load the key in `directory`, or make a new one if there is none yet."""
+        directory = Path(directory)
+        secret = directory / SECRET_FILE
+        if secret.exists():
+            context = ts.context_from(secret.read_bytes())
+            if not context.is_private():
+                raise BundleError(f"{secret}: holds no secret key")
+            return cls(directory, context, params, policy, shapes)
+        params.validate()
+        context = ts.context(
+            ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        )
+        context.global_scale = 2.0**params.scale_bits
+        context.generate_galois_keys()
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        store.write_bytes(secret, context.serialize(save_secret_key=True), mode=0o600)
+        holder = cls(directory, context, params, policy, shapes)
+        holder._write_state()
+        return holder
+
+    def public_context(self) -> bytes:
+        """The context without its secret key: relin and Galois keys only."""
+        return self._context.serialize(save_secret_key=False)
+
+    @property
+    def budget(self) -> int:
+        return self.policy.flooding.budget
+
+    # ---- the reveal ------------------------------------------------------------------
+    def reveal(self, request: RevealRequest) -> RevealResponse:
+        """Check the policy and budget, decrypt the requested slots, flood, audit."""
+        slots = self.params.slots
+        try:
+            self._check_shape(request, slots)
+            if request.key_id != self.key_id:
+                raise ForeignKeyError(
+                    f"reveal request names key id {request.key_id}; this key holder's is {self.key_id}"
+                )
+            check_reveal(self.policy, self.shapes, request)
+            if self.decryptions_used + len(request.blobs) > self.budget:
+                raise BudgetExhausted(
+                    f"{self.decryptions_used} of the budget of {self.budget} decryptions are used and "
+                    f"this request needs {len(request.blobs)}; rotate the key (new run) to continue"
+                )
+            terms = max(request.aggregate, 64)
+            sigma = flooding.flood_sigma(
+                self.policy.flooding.security_bits, self.budget,
+                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, terms),
+            )
+            # Charge the budget before decrypting: a decryption leaks whether or not it is returned.
+            self.decryptions_used += len(request.blobs)
+            values = [self._decrypt(b, s, c, slots) for b, s, c in zip(request.blobs, request.stride, request.counts)]
+        except (PolicyRefusal, BundleError) as exc:
+            self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))
+            raise
+        flooded = [flooding.flood(v, sigma) for v in values]
+        self._audit(request, "allow", sigma=sigma, slots_revealed=int(sum(request.counts)))
+        return RevealResponse(request.request_id, flooded, sigma, self.decryptions_used)
+
+    def _check_shape(self, request: RevealRequest, slots: int) -> None:
+        n = len(request.blobs)
+        if not (len(request.stride) == len(request.counts) == n) or n == 0:
+            raise BundleError(f"reveal request: {n} blobs but {len(request.stride)} strides and {len(request.counts)} counts")
+        for s, c in zip(request.stride, request.counts):
+            if s < 1 or c < 1 or s * (c - 1) >= slots:
+                raise BundleError(f"reveal request: stride {s} × count {c} does not fit {slots} slots")
+
+    def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> np.ndarray:
+        full = wire.with_size(blob, slots, max_slots=slots)
+        vector = ts.ckks_vector_from(self._context, full)
+        values = np.asarray(vector.decrypt())[: stride * count : stride]
+        limit = self.params.headroom
+        if not np.all(np.isfinite(values)) or np.abs(values).max() > limit:
+            raise ForeignKeyError(
+                f"decrypted values reach {np.abs(values).max():.3g}, beyond the headroom of {limit:g}: "
+                f"the ciphertext was made under another key or overflowed its scale"
+            )
+        return values
+
+    # ---- state and audit -------------------------------------------------------------
+    def _read_state(self) -> dict:
+        path = self.directory / STATE_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _write_state(self) -> None:
+        store.write_json(self.directory / STATE_FILE, {
+            "key_id": self.key_id, "decryptions_used": self.decryptions_used, "budget": self.budget,
+            "audit_head": self._last_hash, "audit_seq": self._seq,
+        }, mode=0o600)
+
+    def _audit(self, request: RevealRequest, decision: str, **details) -> None:
+        self._seq += 1
+        entry = {
+            "seq": self._seq, "time": time.time(), "request_id": request.request_id,
+            "round": request.round, "kind": request.kind, "layer": request.layer,
+            "decision": decision, "ciphertexts": len(request.blobs), "aggregate": request.aggregate,
+            "decryptions_used": self.decryptions_used, "budget": self.budget, "prev": self._last_hash,
+            **details,
+        }
+        line = json.dumps(entry, sort_keys=True)
+        self._last_hash = hashlib.sha256(line.encode()).hexdigest()
+        with open(self.directory / AUDIT_FILE, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+        self._write_state()

@@ -1,0 +1,1 @@
+"""Prefect flows and the run-level plumbing around them (checkpoints, resume)."""

@@ -1,0 +1,157 @@
+"""Per-round checkpoints: written under a temporary name, fsynced and renamed, so no torn one is ever read."""
+
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpc_ops import store
+from mpc_ops.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_ROUND_DIR = re.compile(r"round-(\d{5,})")
+_TEMP_GLOBS = (".round-*.tmp-*", ".old-*")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One verified round of training state, as read back from disk."""
+
+    round: int
+    params: dict[str, np.ndarray]
+    optimizer_state: dict
+    rng_state: dict
+    lineage: dict
+    extra: dict
+    path: Path
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray], what: str) -> bytes:
+    for key, arr in arrays.items():
+        if arr.dtype == object:
+            raise CheckpointError(f"{what} entry '{key}' has dtype object; only numeric, bool or str values can be saved")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _json_bytes(obj: dict) -> bytes:
+    try:  # no `default=`: a value JSON cannot hold exactly must fail here, not be stringified
+        return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"state.json for round {obj['round']}: rng_state, lineage and extra must be JSON-able: {exc}") from exc
+
+
+def save_checkpoint(root: Path, round_no: int, *, params: dict[str, np.ndarray], optimizer_state: dict,
+                    rng_state: dict, lineage: dict, extra: dict | None = None) -> Path:
+    """Atomically write `root/round-NNNNN/` and return its path.
+
+    Files go into a temporary sibling directory, `state.json` (holding the other files' digests) last;
+    the directory is then renamed into place. A re-saved round replaces the old one. On any error the
+    temporary directory is removed and earlier checkpoints are left untouched.
+    """
+    if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
+        raise CheckpointError(f"The 'round_no' parameter of save_checkpoint must be an int >= 0. Got {round_no!r} instead.")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"round-{round_no:05d}"
+    final, tmp = root / name, root / f".{name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    old = None
+    try:
+        scalars = sorted(k for k, v in optimizer_state.items() if isinstance(v, (bool, int, float)))
+        files = {
+            "params.npz": _npz_bytes({k: np.asarray(v) for k, v in params.items()}, "params"),
+            "optimizer.npz": _npz_bytes({k: np.asarray(v) for k, v in optimizer_state.items()}, "optimizer_state"),
+        }
+        state = {"format": FORMAT_VERSION, "round": round_no, "rng_state": rng_state, "lineage": lineage,
+                 "extra": extra or {}, "optimizer_scalars": scalars,
+                 "sha256": {fname: store.sha256_bytes(data) for fname, data in files.items()}}
+        files["state.json"] = _json_bytes(state)
+        for fname, data in files.items():  # write_bytes fsyncs each file and then the temp dir
+            store.write_bytes(tmp / fname, data)
+        if final.exists():
+            old = root / f".old-{name}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        store.fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():  # put the replaced round back
+            os.rename(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+    return final
+
+
+def _verify(path: Path) -> dict:
+    """Return the parsed state.json of `path` after checking both digests; raise CheckpointError otherwise."""
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        digests, round_no = state["sha256"], state["round"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {state_file.name} is missing or unreadable: {exc}") from exc
+    for fname in ("params.npz", "optimizer.npz"):
+        try:
+            actual = store.sha256_file(path / fname)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {path}: {fname} is missing: {exc}") from exc
+        if actual != digests.get(fname):
+            raise CheckpointError(f"checkpoint {path}: {fname} has sha256 {actual}, state.json expects {digests.get(fname)}")
+    match = _ROUND_DIR.fullmatch(path.name)
+    if match is None or int(match.group(1)) != round_no:
+        raise CheckpointError(f"checkpoint {path}: state.json says round {round_no}, the directory name disagrees")
+    return state
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint directory; raise CheckpointError naming the bad or missing file."""
+    path = Path(path)
+    state = _verify(path)
+    optimizer_state: dict = _read_npz(path / "optimizer.npz")
+    for key in state["optimizer_scalars"]:  # 0-d arrays back to the python int/float/bool they were
+        optimizer_state[key] = optimizer_state[key].item()
+    return Checkpoint(round=state["round"], params=_read_npz(path / "params.npz"), optimizer_state=optimizer_state,
+                      rng_state=state["rng_state"], lineage=state["lineage"], extra=state["extra"], path=path)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """Return the highest-round complete checkpoint under `root`, skipping torn ones, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    rounds = [(int(m.group(1)), p) for p in root.iterdir() if (m := _ROUND_DIR.fullmatch(p.name)) and p.is_dir()]
+    for _, path in sorted(rounds, reverse=True):
+        try:
+            _verify(path)
+        except CheckpointError as exc:
+            log.warning("skipping torn checkpoint: %s", exc)
+            continue
+        return path
+    return None
+
+
+def cleanup_temp(root: Path) -> None:
+    """Remove temporary and replaced directories left by an interrupted save_checkpoint."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for pattern in _TEMP_GLOBS:
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)

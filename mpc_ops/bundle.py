@@ -1,0 +1,149 @@
+"""The trainer's view of the exchange store: manifests checked once, blobs checked on every read."""
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .config import RunConfig
+from .errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError
+from .packing import PackingPlan
+from .tensors import EncryptedBatch, OwnerPart, PlainBatch
+
+MAX_BLOB_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """One training or test batch: which owners' batch index b it is made of."""
+
+    split: str
+    owners: tuple[str, ...]
+    index: int
+
+    @property
+    def batch_id(self) -> str:
+        return f"{self.split}/{'+'.join(self.owners)}/b{self.index:04d}"
+
+
+class ExchangeStore:
+    """Reads owners' bundles from RUN_DIR/exchange after checking key id, layout and alignment."""
+
+    def __init__(self, root: Path, cfg: RunConfig, key_id: str, plan: PackingPlan):
+        self.root, self.cfg, self.plan = Path(root), cfg, plan
+        self.manifests = {o.name: self._manifest(o.name, key_id) for o in cfg.data.owners}
+        self.feature_index, offset = {}, 0
+        for o in cfg.data.owners:
+            width = len(o.features)
+            self.feature_index[o.name] = np.arange(offset, offset + width)
+            if cfg.data.partition == "vertical":
+                offset += width
+        if cfg.data.partition == "vertical":
+            self._check_alignment()
+        self.bytes_read = 0
+
+    def _manifest(self, owner: str, key_id: str) -> dict:
+        path = self.root / owner / "manifest.json"
+        if not path.is_file():
+            raise BundleError(f"owner '{owner}': no manifest at {path}; run the owner's preparation first")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"owner '{owner}': manifest {path} is not valid JSON ({exc})") from None
+        if manifest.get("key_id") != key_id:
+            raise ForeignKeyError(
+                f"owner '{owner}': bundle was encrypted under key id {manifest.get('key_id')!r}, "
+                f"but the key holder's key id is {key_id!r}; the owner must re-encrypt"
+            )
+        want = {"slots": self.plan.slots, "seg": self.plan.seg, "samples_per_ct": self.plan.samples_per_ct}
+        if manifest.get("layout") != want:
+            raise BundleError(f"owner '{owner}': layout {manifest.get('layout')} differs from the plan {want}")
+        for split in ("train", "test"):
+            if split not in manifest.get("splits", {}):
+                raise BundleError(f"owner '{owner}': manifest {path} has no '{split}' split")
+        return manifest
+
+    def _check_alignment(self) -> None:
+        names = list(self.manifests)
+        for split in ("train", "test"):
+            ids = {n: json.loads(self._read(n, self.manifests[n]["splits"][split]["ids"])) for n in names}
+            ref = ids[names[0]]
+            for other in names[1:]:
+                if ids[other] != ref:
+                    missing = len(set(ref) - set(ids[other]))
+                    extra = len(set(ids[other]) - set(ref))
+                    raise AlignmentError(
+                        f"owners '{names[0]}' and '{other}' do not hold the same IDs in the {split} split: "
+                        f"{len(ref)} vs {len(ids[other])} IDs, {missing} of '{names[0]}' missing at "
+                        f"'{other}', {extra} of '{other}' unknown to '{names[0]}'; vertical partitions "
+                        f"must share every ID"
+                    )
+
+    def _read(self, owner: str, entry: dict) -> bytes:
+        path = self.root / owner / entry["file"]
+        if not path.is_file():
+            raise BundleError(f"owner '{owner}': blob {path} named in the manifest is missing")
+        size = path.stat().st_size
+        if size > MAX_BLOB_BYTES or size != entry["bytes"]:
+            raise BundleError(
+                f"owner '{owner}': blob {path} is {size} bytes; the manifest says {entry['bytes']} "
+                f"(limit {MAX_BLOB_BYTES})"
+            )
+        data = path.read_bytes()
+        if store.sha256_bytes(data) != entry["sha256"]:
+            raise DigestMismatch(
+                f"owner '{owner}': blob {path} has SHA-256 {store.sha256_bytes(data)[:16]}…, the manifest "
+                f"says {entry['sha256'][:16]}…; refusing a tampered or torn ciphertext"
+            )
+        self.bytes_read += size
+        return data
+
+    def batches(self, split: str) -> list[BatchRef]:
+        """Every batch of a split, owner by owner (horizontal) or across owners (vertical)."""
+        if self.cfg.data.partition == "vertical":
+            names = tuple(self.manifests)
+            count = len(self.manifests[names[0]]["splits"][split]["batches"])
+            return [BatchRef(split, names, b) for b in range(count)]
+        return [BatchRef(split, (name,), b) for name, m in self.manifests.items()
+                for b in range(len(m["splits"][split]["batches"]))]
+
+    def load(self, ref: BatchRef) -> EncryptedBatch:
+        """Read and verify the ciphertexts of one batch."""
+        parts, n = [], None
+        for owner in ref.owners:
+            entry = self.manifests[owner]["splits"][ref.split]["batches"][ref.index]
+            n = entry["n"] if n is None else n
+            if entry["n"] != n:
+                raise AlignmentError(f"batch {ref.batch_id}: owners disagree on its size ({n} vs {entry['n']})")
+            parts.append(OwnerPart(
+                owner, self.feature_index[owner],
+                [self._read(owner, e) for e in entry["rows"]],
+                [self._read(owner, e) for e in entry["cols"]],
+            ))
+        return EncryptedBatch(ref.batch_id, n, parts)
+
+    def labels(self, ref: BatchRef) -> np.ndarray:
+        """Plaintext labels of one batch, revealed to the trainer by policy `labels: reveal`."""
+        owner = next(o.name for o in self.cfg.data.owners if o.label and o.name in ref.owners) \
+            if self.cfg.data.partition == "horizontal" else next(o.name for o in self.cfg.data.owners if o.label)
+        manifest = self.manifests[owner]
+        all_labels = np.load(io.BytesIO(self._read(owner, manifest["labels"][ref.split])), allow_pickle=False)
+        return all_labels[self._slice(owner, ref)]
+
+    def _slice(self, owner: str, ref: BatchRef) -> slice:
+        batches = self.manifests[owner]["splits"][ref.split]["batches"]
+        start = sum(b["n"] for b in batches[: ref.index])
+        return slice(start, start + batches[ref.index]["n"])
+
+    def twin_batch(self, twin_dir: Path, ref: BatchRef) -> PlainBatch:
+        """The plaintext twin of a batch, from the owners' twin files (diagnostic only)."""
+        x = np.zeros((0, 0))
+        cols = []
+        for owner in ref.owners:
+            with np.load(Path(twin_dir) / f"{owner}.npz") as data:
+                cols.append(data[ref.split][self._slice(owner, ref)])
+        x = np.concatenate(cols, axis=1)
+        return PlainBatch(ref.batch_id, x)

@@ -1,0 +1,134 @@
+"""A data owner: load and validate its own table, standardise, encrypt, publish a bundle.
+
+Only the bundle (ciphertexts, a manifest, keyed-hash IDs and, under `labels: reveal`, the
+labels) leaves the owner, written to RUN_DIR/exchange/<owner>/. The plaintext twin file
+is written to the owner's own folder, and only when the config asks for the twin.
+"""
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mpc_ops import ckks, store
+from mpc_ops.config import OwnerConfig, RunConfig
+from mpc_ops.errors import SchemaError
+from mpc_ops.packing import PackingPlan
+
+from .table import Standardizer, batches, load_table, split_ids
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def hashed_ids(ids: np.ndarray, seed: int) -> list[str]:
+    """Keyed pseudonyms of IDs, published so the trainer can check vertical alignment."""
+    return [hashlib.sha256(f"id:{seed}:{v}".encode()).hexdigest()[:24] for v in ids]
+
+
+def _batch_slices(n: int, batch_size: int, min_batch: int) -> list[slice]:
+    """Batches of the canonical order; a tail smaller than min_batch joins the previous batch."""
+    slices = batches(n, batch_size)
+    if len(slices) > 1 and slices[-1].stop - slices[-1].start < min_batch:
+        slices[-2:] = [slice(slices[-2].start, slices[-1].stop)]
+    return slices
+
+
+def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: str, data_sha256: str) -> str:
+    """Everything the bundle depends on; an unchanged key means the bundle can be reused."""
+    spec = {
+        "format": FORMAT_VERSION, "key_id": key_id, "data_sha256": data_sha256, "seed": cfg.seed,
+        "features": owner.features, "label": owner.label, "batch_size": cfg.train.batch_size,
+        "min_batch": cfg.policy.min_batch, "test_fraction": cfg.data.test_fraction,
+        "slots": plan.slots, "seg": plan.seg, "labels": cfg.policy.labels,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: PackingPlan,
+            exchange_dir: Path, twin_dir: Path | None = None) -> dict:
+    """Validate, standardise and encrypt one owner's table; return its manifest.
+
+    Re-encrypts only if the table, the key or the layout changed since the last bundle.
+    """
+    context = ckks.load_public_context(public_context)
+    key_id = ckks.key_id(context)
+    out = Path(exchange_dir) / owner.name
+    data_sha256 = store.sha256_file(owner.path) if owner.path.is_file() else ""
+    key = bundle_key(cfg, owner, plan, key_id, data_sha256)
+    existing = out / MANIFEST
+    if existing.exists():
+        manifest = json.loads(existing.read_text())
+        if manifest.get("bundle_key") == key and (twin_dir is None or (twin_dir / f"{owner.name}.npz").exists()):
+            manifest["reused"] = True
+            return manifest
+
+    label_col = cfg.data.label_column if owner.label else None
+    frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
+                       feature_columns=owner.features, label_column=label_col)
+    train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed,
+                                    test_fraction=cfg.data.test_fraction)
+    indexed = frame.set_index(cfg.data.id_column)
+    train, test = indexed.loc[list(train_ids)], indexed.loc[list(test_ids)]
+    scaler = Standardizer.fit(train, owner.features)
+    x_train = scaler.transform(train)[owner.features].to_numpy(np.float64)
+    x_test = scaler.transform(test)[owner.features].to_numpy(np.float64)
+    if label_col and cfg.data.task == "multiclass":
+        bad = int(indexed[label_col].max())
+        if bad >= cfg.data.num_classes:
+            raise SchemaError(
+                f"owner '{owner.name}': label {bad} in {owner.path} is outside [0, {cfg.data.num_classes - 1}] "
+                f"(data.num_classes={cfg.data.num_classes})"
+            )
+
+    manifest = {
+        "format": FORMAT_VERSION, "owner": owner.name, "key_id": key_id, "bundle_key": key,
+        "data_sha256": data_sha256, "features": owner.features,
+        "layout": {"slots": plan.slots, "seg": plan.seg, "samples_per_ct": plan.samples_per_ct},
+        "splits": {}, "labels": None, "reused": False,
+    }
+    for split, x, ids in (("train", x_train, train_ids), ("test", x_test, test_ids)):
+        slices = _batch_slices(len(x), cfg.train.batch_size, cfg.policy.min_batch)
+        manifest["splits"][split] = {
+            "n": len(x), "ids": _write(out, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "batches": [_encrypt_batch(context, plan, x[sl], out, split, b, with_cols=(split == "train"))
+                        for b, sl in enumerate(slices)],
+        }
+    if owner.label:
+        manifest["labels"] = {
+            split: _write(out, f"{split}/labels.npy", _npy(part[label_col].to_numpy(np.int64)))
+            for split, part in (("train", train), ("test", test))
+        }
+    if twin_dir is not None:
+        twin_dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, train=x_train, test=x_test)
+        store.write_bytes(twin_dir / f"{owner.name}.npz", buf.getvalue())
+    store.write_json(out / MANIFEST, manifest)  # last: a manifest only ever names complete blobs
+    return manifest
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write(out: Path, name: str, data: bytes) -> dict:
+    store.write_bytes(out / name, data)
+    return {"file": name, "sha256": store.sha256_bytes(data), "bytes": len(data)}
+
+
+def _encrypt_batch(context, plan: PackingPlan, x: np.ndarray, out: Path, split: str, b: int,
+                   with_cols: bool) -> dict:
+    """Encrypt one batch chunk by chunk, in the rows layout and (for training) the cols layout."""
+    entry = {"n": len(x), "rows": [], "cols": []}
+    for c, sl in enumerate(plan.chunks(len(x))):
+        entry["rows"].append(_write(out, f"{split}/b{b:04d}-c{c:02d}.rows.ct",
+                                    ckks.encrypt(context, plan.rows_vector(x[sl]))))
+        if with_cols:
+            entry["cols"].append(_write(out, f"{split}/b{b:04d}-c{c:02d}.cols.ct",
+                                        ckks.encrypt(context, plan.cols_vector(x[sl]))))
+    return entry

@@ -1,0 +1,167 @@
+"""Checkpoints: exact roundtrip, atomic writes, torn directories never read."""
+
+import errno
+
+import numpy as np
+import pytest
+
+from flows import checkpoint as ckpt
+from flows.checkpoint import cleanup_temp, latest_checkpoint, load_checkpoint, save_checkpoint
+from mpc_ops import store
+from mpc_ops.errors import CheckpointError
+
+
+def _state(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = {"enc1.w": rng.standard_normal((3, 4)), "enc1.b": rng.standard_normal(4).astype(np.float32)}
+    optimizer = {"lr": 0.01, "t": 7, "nesterov": False, "m.enc1.w": rng.standard_normal((3, 4))}
+    return dict(params=params, optimizer_state=optimizer, rng_state=rng.bit_generator.state,
+                lineage={"run_id": "r1", "parent_round": seed}, extra={"val_acc": 0.5 + seed / 100})
+
+
+def test_roundtrip_is_bit_identical_and_restores_scalar_types_and_rng(tmp_path):
+    # Prepare
+    state = _state()
+    params_before = {k: v.copy() for k, v in state["params"].items()}
+    rng = np.random.default_rng(123)
+    rng.standard_normal(5)  # advance so the state is not the seed's
+    state["rng_state"] = rng.bit_generator.state
+
+    # Execute
+    path = save_checkpoint(tmp_path, 3, **state)
+    loaded = load_checkpoint(path)
+
+    # Assert
+    assert path == tmp_path / "round-00003" and loaded.round == 3 and loaded.path == path
+    for key, arr in state["params"].items():
+        assert loaded.params[key].dtype == arr.dtype and loaded.params[key].tobytes() == arr.tobytes()
+        assert np.array_equal(arr, params_before[key])  # inputs left unchanged
+    assert type(loaded.optimizer_state["lr"]) is float and loaded.optimizer_state["lr"] == 0.01
+    assert type(loaded.optimizer_state["t"]) is int and loaded.optimizer_state["t"] == 7
+    assert type(loaded.optimizer_state["nesterov"]) is bool
+    assert loaded.optimizer_state["m.enc1.w"].tobytes() == state["optimizer_state"]["m.enc1.w"].tobytes()
+    assert loaded.lineage == state["lineage"] and loaded.extra == state["extra"]
+    restored = np.random.default_rng()
+    restored.bit_generator.state = loaded.rng_state
+    assert restored.standard_normal(4).tobytes() == rng.standard_normal(4).tobytes()
+
+
+def test_latest_picks_the_highest_complete_round(tmp_path):
+    # Prepare
+    for round_no in (1, 10, 2):
+        save_checkpoint(tmp_path, round_no, **_state(round_no))
+
+    # Execute / Assert
+    assert latest_checkpoint(tmp_path) == tmp_path / "round-00010"
+    assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_leftover_temp_dir_is_skipped_and_cleaned_up(tmp_path):
+    # Prepare: a later round killed mid-write, under its temp name
+    save_checkpoint(tmp_path, 1, **_state(1))
+    torn = tmp_path / ".round-00002.tmp-dead"
+    torn.mkdir()
+    (torn / "params.npz").write_bytes(b"half")
+
+    # Execute
+    latest = latest_checkpoint(tmp_path)
+    cleanup_temp(tmp_path)
+
+    # Assert
+    assert latest == tmp_path / "round-00001"
+    assert not torn.exists() and (tmp_path / "round-00001").is_dir()
+    with pytest.raises(CheckpointError, match="state.json"):
+        load_checkpoint(torn)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_params_file_is_skipped_by_latest_and_rejected_by_load(tmp_path, damage):
+    # Prepare
+    save_checkpoint(tmp_path, 1, **_state(1))
+    bad = save_checkpoint(tmp_path, 2, **_state(2))
+    if damage == "corrupt":
+        (bad / "params.npz").write_bytes(b"\x00" * 64)
+    else:
+        (bad / "params.npz").unlink()
+
+    # Execute / Assert
+    assert latest_checkpoint(tmp_path) == tmp_path / "round-00001"
+    with pytest.raises(CheckpointError, match=r"round-00002: params\.npz"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("target", ["savez", "write_bytes"])
+def test_disk_full_mid_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, target):
+    # Prepare
+    first = save_checkpoint(tmp_path, 1, **_state(1))
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    calls = []
+
+    def fail_on_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    real = np.savez if target == "savez" else store.write_bytes
+    monkeypatch.setattr(np if target == "savez" else store, target, fail_on_second_call)
+
+    # Execute
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 2, **_state(2))
+
+    # Assert
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00001"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert latest_checkpoint(tmp_path) == first
+
+
+def test_resaving_a_round_replaces_it_and_leaves_no_old_dir(tmp_path):
+    # Prepare
+    save_checkpoint(tmp_path, 4, **_state(1))
+
+    # Execute
+    path = save_checkpoint(tmp_path, 4, **_state(2))
+
+    # Assert
+    assert load_checkpoint(path).extra == _state(2)["extra"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00004"]
+
+
+def test_failed_resave_keeps_the_old_round(tmp_path, monkeypatch):
+    # Prepare: the rename of the new dir into place fails after the old one was moved aside
+    save_checkpoint(tmp_path, 4, **_state(1))
+    real_rename = ckpt.os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(errno.EIO, "I/O error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+
+    # Execute
+    with pytest.raises(OSError, match="I/O error"):
+        save_checkpoint(tmp_path, 4, **_state(2))
+
+    # Assert
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00004"]
+    assert load_checkpoint(tmp_path / "round-00004").extra == _state(1)["extra"]
+
+
+@pytest.mark.parametrize("round_no", [-1, 1.0, True, "3"])
+def test_round_number_must_be_a_non_negative_int(tmp_path, round_no):
+    with pytest.raises(CheckpointError, match=rf"'round_no' .* int >= 0\. Got {round_no!r}"):
+        save_checkpoint(tmp_path, round_no, **_state())
+
+
+def test_non_json_rng_state_is_refused_before_anything_lands(tmp_path):
+    # Prepare: MT19937 state holds an ndarray, which must not be silently stringified
+    state = _state()
+    state["rng_state"] = np.random.Generator(np.random.MT19937(0)).bit_generator.state
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match="JSON-able"):
+        save_checkpoint(tmp_path, 0, **state)
+    assert list(tmp_path.iterdir()) == []

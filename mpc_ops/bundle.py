@@ -139,11 +139,7 @@ class ExchangeStore:
         return slice(start, start + batches[ref.index]["n"])
 
     def twin_batch(self, twin_dir: Path, ref: BatchRef) -> PlainBatch:
-        """The plaintext twin of a batch, from the owners' twin files (diagnostic only)."""
-        x = np.zeros((0, 0))
-        cols = []
-        for owner in ref.owners:
-            with np.load(Path(twin_dir) / f"{owner}.npz") as data:
-                cols.append(data[ref.split][self._slice(owner, ref)])
-        x = np.concatenate(cols, axis=1)
-        return PlainBatch(ref.batch_id, x)
+        """One owner's plaintext twin features for a batch, from its twin file (diagnostic only)."""
+        (owner,) = ref.owners
+        with np.load(Path(twin_dir) / f"{owner}.npz") as data:
+            return PlainBatch(ref.batch_id, data[ref.split][self._slice(owner, ref)])

@@ -123,6 +123,19 @@ class KeyHolder:
             )
         return values
 
+    def audit_summary(self) -> dict:
+        """Public counts from the audit log: reveals allowed and refused (by rule), σ, budget use."""
+        totals = {"allow": 0, "refuse": 0, "rules": {}, "sigma": 0.0,
+                  "decryptions_used": self.decryptions_used, "budget": self.budget}
+        path = self.directory / AUDIT_FILE
+        for line in path.read_text().splitlines() if path.exists() else []:
+            entry = json.loads(line)
+            totals[entry["decision"]] += 1
+            if entry["decision"] == "refuse":
+                totals["rules"][entry["rule"]] = totals["rules"].get(entry["rule"], 0) + 1
+            totals["sigma"] = entry.get("sigma", totals["sigma"])
+        return totals
+
     # ---- state and audit -------------------------------------------------------------
     def _read_state(self) -> dict:
         path = self.directory / STATE_FILE

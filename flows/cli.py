@@ -1,0 +1,108 @@
+"""The `hetrain` command line: train, demo-data (more commands come with later issues)."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+QUIET_PREFECT = {
+    # Prefect's own console output would fight the progress bar; run logs still reach the API/UI.
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL",
+    # The temporary server's shutdown races ("database is locked", "Error flushing events") are
+    # logged by its services at ERROR with tracebacks; they are harmless for a finished run.
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    if not verbose:
+        for key, value in QUIET_PREFECT.items():
+            os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"hetrain: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_demo_data(args) -> int:
+    from participants.demo_data import write_demo_data
+
+    paths = write_demo_data(Path(args.out))
+    print(f"wrote {len(paths)} demo tables under {Path(args.out).resolve()}:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from mpc_ops.config import load_config
+    from mpc_ops.errors import HetrainError
+
+    try:
+        cfg, _ = load_config(args.config)
+    except HetrainError as exc:
+        return _fail(str(exc))
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
+    _quiet_prefect(args.verbose)
+
+    from .artifacts import artifact_key
+    from .console import TrainProgress
+    from .train_flow import train
+
+    with TrainProgress(cfg.name) as bar:
+        try:
+            result = train(str(Path(args.config).resolve()), str(run_dir), resume=args.resume,
+                           run_name=f"{cfg.name}")
+        except HetrainError as exc:
+            bar.stop()
+            return _fail(f"{type(exc).__name__}: {exc}", code=1)
+    final = result["final"]
+    print()
+    print(f"hetrain: run '{cfg.name}' finished ({final['stop_reason']})")
+    print(f"  test accuracy (encrypted hybrid): {final['test_accuracy']:.4f}")
+    if final["plaintext_twin_test_accuracy"] is not None:
+        print(f"  test accuracy (plaintext twin):   {final['plaintext_twin_test_accuracy']:.4f}")
+    print(f"  decryptions: {final['decryptions']}, policy refusals: {final['policy_refusals']}, "
+          f"seconds/round: {final['mean_seconds_per_round']}, bytes/round: {final['mean_bytes_per_round']:,}")
+    print(f"  results:  {run_dir}/metrics.json, {run_dir}/summary.md, {run_dir}/plots/training.png")
+    print("  Prefect UI: the runs are stored in Prefect's local database; to browse them run")
+    print(f"    {_prefect_bin()} server start")
+    print("  and open http://127.0.0.1:4200/runs (flow 'train', run "
+          f"'{cfg.name}', artifacts '{cfg.name.lower()}-metrics' and '{cfg.name.lower()}-summary').")
+    return 0
+
+
+def _prefect_bin() -> str:
+    candidate = Path(sys.executable).parent / "prefect"
+    return str(candidate) if candidate.exists() else "prefect"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetrain", description="Hybrid ciphertext/plaintext training on Prefect.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="path to the YAML config, e.g. configs/breast_cancer.yaml")
+    p.add_argument("--run-dir", help="where keys, bundles, checkpoints and metrics go (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--verbose", action="store_true", help="also print Prefect's own logs")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo-data", help="write the bundled demo tables (one CSV per data owner)")
+    p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
+    p.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

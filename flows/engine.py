@@ -1,0 +1,102 @@
+"""The training step, shared by the hybrid run and its plaintext twin (no Prefect in here).
+
+One step reads, in order: ciphertext forward, explicit reveal, plaintext forward, loss,
+plaintext backward, ciphertext gradient, explicit reveal, optimizer step. The twin runs the
+very same code with `PlainInputLinear` as the front and the identity as the reveal.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from mpc_ops.config import RunConfig
+from mpc_ops.optim import build_optimizer
+from mpc_ops.plain_layers import BinaryCrossEntropy, Linear, Sequential, SoftmaxCrossEntropy, build_activation
+from mpc_ops.policy import cipher_layer_shapes
+
+
+class Model:
+    """The configured network: an input Linear (computed by the front) and a plaintext body."""
+
+    def __init__(self, cfg: RunConfig):
+        rng = np.random.default_rng(cfg.seed)
+        first = cfg.model.layers[0]
+        width = cipher_layer_shapes(cfg)[first.name].in_features
+        layers = []
+        for spec in cfg.model.layers:
+            if spec.kind == "linear":
+                layers.append(Linear(width, spec.out_features, rng, spec.name))
+                width = spec.out_features
+            else:
+                layers.append(build_activation(spec.kind))
+        self.input: Linear = layers[0]
+        self.body = Sequential(layers[1:])
+        self.loss = BinaryCrossEntropy() if cfg.model.loss == "binary_cross_entropy" else SoftmaxCrossEntropy()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        own = {f"{self.input.name}.{k}": v for k, v in self.input.parameters().items()}
+        return {**own, **self.body.parameters()}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        own = {f"{self.input.name}.{k}": v for k, v in self.input.grads().items()}
+        return {**own, **self.body.grads()}
+
+    def load(self, params: dict[str, np.ndarray]) -> None:
+        """Copy saved parameters into the live arrays (optimizers keep their references)."""
+        live = self.parameters()
+        missing = sorted(set(live) - set(params))
+        if missing:
+            raise ValueError(f"saved parameters lack {missing}")
+        for key, target in live.items():
+            if params[key].shape != target.shape:
+                raise ValueError(f"parameter '{key}': saved shape {params[key].shape}, model has {target.shape}")
+            target[...] = params[key]
+
+
+def make_optimizer(cfg: RunConfig):
+    opt = cfg.train.optimizer
+    kwargs = {"lr": opt.lr} if opt.kind == "adam" else {"lr": opt.lr, "momentum": opt.momentum}
+    return build_optimizer(opt.kind, **kwargs)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    n: int
+
+
+class Learner:
+    """One side of training: a front (ciphertext layer or its twin), a reveal, a model, an optimizer."""
+
+    def __init__(self, model: Model, optimizer, front, reveal: Callable):
+        self.model, self.optimizer, self.front, self.reveal = model, optimizer, front, reveal
+
+    def _forward(self, x, y: np.ndarray) -> tuple[np.ndarray, float]:
+        z = self.reveal(self.front.forward(x)) + self.model.input.b
+        logits = self.model.body.forward(z)
+        return logits, self.model.loss.forward(logits, y)
+
+    def train_batch(self, x, y: np.ndarray) -> StepResult:
+        logits, loss = self._forward(x, y)
+        grad_z = self.model.body.backward(self.model.loss.backward())
+        self.model.input.grad_W = self.reveal(self.front.backward(grad_z))
+        self.model.input.grad_b = grad_z.sum(axis=0)
+        self.optimizer.step(self.model.parameters(), self.model.grads())
+        return StepResult(loss * len(y), int((self.model.loss.predict(logits) == y).sum()), len(y))
+
+    def eval_batch(self, x, y: np.ndarray) -> StepResult:
+        logits, loss = self._forward(x, y)
+        return StepResult(loss * len(y), int((self.model.loss.predict(logits) == y).sum()), len(y))
+
+
+def batch_order(seed: int, round_no: int, count: int) -> np.ndarray:
+    """The shuffled batch order of a round: the same for the hybrid, the twin and a resumed run."""
+    return np.random.default_rng([seed, round_no]).permutation(count)
+
+
+def summarise(results: list[StepResult]) -> tuple[float, float]:
+    """(mean loss, accuracy) over a list of step results."""
+    n = sum(r.n for r in results)
+    return sum(r.loss for r in results) / n, sum(r.correct for r in results) / n

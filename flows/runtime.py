@@ -1,0 +1,138 @@
+"""Wiring for one run directory: paths, the config, the public context and the key-holder client.
+
+Layout of RUN_DIR:
+  key_holder/   secret context, budget state, audit log (only the key holder reads it)
+  exchange/     public context and each owner's bundle (what owners send)
+  owners/       owner-local files: the plaintext twin's features (only with report.plaintext_twin)
+  checkpoints/  one directory per round
+  metrics.json, summary.md, plots/
+"""
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import tenseal as ts
+
+from mpc_ops import ckks, store
+from mpc_ops.bundle import ExchangeStore
+from mpc_ops.config import RunConfig, load_config
+from mpc_ops.packing import PackingPlan
+from mpc_ops.policy import cipher_layer_shapes
+from mpc_ops.reveal import RevealRequest, RevealResponse
+
+PUBLIC_CONTEXT = "public_context.bin"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def key_holder(self) -> Path:
+        return self.root / "key_holder"
+
+    @property
+    def exchange(self) -> Path:
+        return self.root / "exchange"
+
+    @property
+    def owners(self) -> Path:
+        return self.root / "owners"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def public_context(self) -> Path:
+        return self.exchange / PUBLIC_CONTEXT
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+
+def config_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def packing_plan(cfg: RunConfig) -> PackingPlan:
+    """The slot layout every owner encrypts in, chosen by the trainer from the declared shapes."""
+    return PackingPlan.for_features([len(o.features) for o in cfg.data.owners], cfg.ckks.params().slots)
+
+
+class LocalKeyHolderClient:
+    """In-process stand-in for the key-holder service: the trainer sees only `reveal` and the public context."""
+
+    _open: dict[Path, object] = {}
+
+    def __init__(self, cfg: RunConfig, directory: Path):
+        from participants.key_holder import KeyHolder  # the only import of the key holder on this side
+
+        directory = Path(directory).resolve()
+        holder = self._open.get(directory)
+        if holder is None or holder.policy != cfg.policy:
+            holder = KeyHolder.open_or_create(directory, cfg.ckks.params(), cfg.policy, cipher_layer_shapes(cfg))
+            self._open[directory] = holder
+        self._holder = holder
+
+    def public_context(self) -> bytes:
+        return self._holder.public_context()
+
+    def reveal(self, request: RevealRequest) -> RevealResponse:
+        return self._holder.reveal(request)
+
+    def audit_summary(self) -> dict:
+        return self._holder.audit_summary()
+
+    @property
+    def decryptions_used(self) -> int:
+        return self._holder.decryptions_used
+
+    @classmethod
+    def forget(cls) -> None:
+        """Drop cached key holders (tests and key rotation)."""
+        cls._open.clear()
+
+
+class Runtime:
+    """Everything the trainer needs for a round, opened from paths (Prefect passes only paths)."""
+
+    def __init__(self, config_path: str | Path, run_dir: str | Path):
+        self.cfg, self.config_path = load_config(config_path)
+        self.paths = RunPaths(Path(run_dir).resolve())
+        self.plan = packing_plan(self.cfg)
+
+    @cached_property
+    def context(self) -> ts.Context:
+        """The public context: the trainer never holds a secret key."""
+        return ckks.load_public_context(self.paths.public_context.read_bytes())
+
+    @cached_property
+    def key_id(self) -> str:
+        return ckks.key_id(self.context)
+
+    @cached_property
+    def key_holder(self) -> LocalKeyHolderClient:
+        return LocalKeyHolderClient(self.cfg, self.paths.key_holder)
+
+    @cached_property
+    def store(self) -> ExchangeStore:
+        return ExchangeStore(self.paths.exchange, self.cfg, self.key_id, self.plan)
+
+    def publish_public_context(self) -> str:
+        """Write the key holder's public context to the exchange store; return its key id."""
+        data = self.key_holder.public_context()
+        if not self.paths.public_context.exists() or self.paths.public_context.read_bytes() != data:
+            store.write_bytes(self.paths.public_context, data)
+        return self.key_id
+
+    def lineage(self) -> dict:
+        return {
+            "config_path": str(self.config_path),
+            "config_sha256": config_digest(self.config_path),
+            "key_id": self.key_id,
+            "manifests": {name: m["bundle_key"] for name, m in self.store.manifests.items()},
+        }

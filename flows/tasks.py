@@ -1,0 +1,153 @@
+"""Prefect tasks: coarse steps with retries on I/O and key-holder calls only, never on the math."""
+
+import time
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mpc_ops.bundle import BatchRef
+from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
+from mpc_ops.errors import HetrainError
+from mpc_ops.reveal import RevealRequest, RevealResponse, blind, unblind
+from mpc_ops.tensors import PlainBatch
+from participants import data_owner
+
+from . import checkpoint
+from .engine import Learner, Model, StepResult, make_optimizer
+from .runtime import Runtime
+
+
+def transient_only(task, task_run, state) -> bool:
+    """Retry I/O and connection faults; never a policy refusal, a bad input or a math error."""
+    try:
+        state.result()
+    except HetrainError:
+        return False
+    except (OSError, ConnectionError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="set-up-key-holder", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient_only)
+def set_up_key_holder(rt: Runtime) -> str:
+    """Create or load the key, and publish the public context; returns the key id."""
+    return rt.publish_public_context()
+
+
+@task(name="encrypt-owner-table", cache_policy=NO_CACHE)
+def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
+    """Validate, standardise and encrypt one owner's table into the exchange store."""
+    owner_cfg = next(o for o in rt.cfg.data.owners if o.name == owner)
+    twin_dir = rt.paths.owners / owner if rt.cfg.report.plaintext_twin else None
+    manifest = data_owner.prepare(rt.cfg, owner_cfg, rt.paths.public_context.read_bytes(), rt.plan,
+                                  rt.paths.exchange, twin_dir)
+    blobs = [e for s in manifest["splits"].values() for b in s["batches"] for e in b["rows"] + b["cols"]]
+    return {"owner": owner, "reused": manifest["reused"], "bytes": sum(e["bytes"] for e in blobs),
+            "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
+            "n_test": manifest["splits"]["test"]["n"]}
+
+
+@task(name="ask-key-holder", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 4],
+      retry_condition_fn=transient_only)
+def ask_key_holder(rt: Runtime, request: RevealRequest) -> RevealResponse:
+    """One blinded reveal: the key holder checks the policy, decrypts, floods and audits."""
+    return rt.key_holder.reveal(request)
+
+
+class Traffic:
+    """Bytes and decryptions of one round, counted as they happen."""
+
+    def __init__(self):
+        self.to_key_holder = self.from_key_holder = self.reveals = 0
+
+
+def cipher_reveal(rt: Runtime, round_no: int, traffic: Traffic):
+    """The explicit reveal used by the hybrid learner: blind, ask the key holder, unblind."""
+    def reveal(enc):
+        request, masks = blind(enc, rt.context, key_id=rt.key_id, round_no=round_no,
+                               mask_bound=rt.cfg.policy.mask_bound)
+        response = ask_key_holder(rt, request)
+        traffic.to_key_holder += request.n_bytes
+        traffic.from_key_holder += sum(v.nbytes for v in response.values)
+        traffic.reveals += 1
+        return unblind(enc, response, masks)
+    return reveal
+
+
+def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learner, Learner | None]:
+    """The hybrid learner and (if configured) its plaintext twin, freshly initialised."""
+    model, twin_model = Model(rt.cfg), Model(rt.cfg)
+    name = model.input.name
+    hybrid = Learner(model, make_optimizer(rt.cfg),
+                     CipherLinear(name, model.input.W, rt.context, rt.plan), cipher_reveal(rt, round_no, traffic))
+    twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),
+                   lambda x: x) if rt.cfg.report.plaintext_twin else None
+    return hybrid, twin
+
+
+@task(name="restore-state", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient_only)
+def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: int) -> dict:
+    """Load the previous round's checkpoint into the learners; returns its lineage (or {})."""
+    previous = rt.paths.checkpoints / f"round-{round_no - 1:05d}"
+    if round_no == 1 and not previous.exists():
+        return {}
+    ckpt = checkpoint.load_checkpoint(previous)
+    hybrid.model.load({k[7:]: v for k, v in ckpt.params.items() if k.startswith("hybrid.")})
+    hybrid.optimizer.load_state_dict({k[7:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("hybrid.")})
+    if twin is not None and any(k.startswith("twin.") for k in ckpt.params):
+        twin.model.load({k[5:]: v for k, v in ckpt.params.items() if k.startswith("twin.")})
+        twin.optimizer.load_state_dict({k[5:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("twin.")})
+    return {"parent_checkpoint": str(previous), **ckpt.extra}
+
+
+@task(name="train-batch-group", cache_policy=NO_CACHE)
+def train_batch_group(rt: Runtime, hybrid: Learner, refs: list) -> list[StepResult]:
+    """Forward, reveal, backward, reveal and step on a group of encrypted batches, in order."""
+    return [hybrid.train_batch(rt.store.load(ref), rt.store.labels(ref)) for ref in refs]
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(rt: Runtime, hybrid: Learner) -> list[StepResult]:
+    """Test-set forward passes on ciphertext, revealed under the same policy."""
+    return [hybrid.eval_batch(rt.store.load(ref), rt.store.labels(ref)) for ref in rt.store.batches("test")]
+
+
+@task(name="run-plaintext-twin", cache_policy=NO_CACHE)
+def run_twin(rt: Runtime, twin: Learner, order: np.ndarray) -> tuple[list[StepResult], list[StepResult]]:
+    """The same round on the owners' standardised plaintext (diagnostic, report.plaintext_twin)."""
+    refs = rt.store.batches("train")
+    train = [twin.train_batch(_twin_batch(rt, refs[i]), rt.store.labels(refs[i])) for i in order]
+    test = [twin.eval_batch(_twin_batch(rt, r), rt.store.labels(r)) for r in rt.store.batches("test")]
+    return train, test
+
+
+def _twin_batch(rt: Runtime, ref) -> PlainBatch:
+    """Each owner's twin features for the batch, side by side in the model's input order."""
+    parts = [rt.store.twin_batch(rt.paths.owners / o, BatchRef(ref.split, (o,), ref.index)).x for o in ref.owners]
+    return PlainBatch(ref.batch_id, np.concatenate(parts, axis=1))
+
+
+@task(name="write-checkpoint", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient_only)
+def write_checkpoint(rt: Runtime, round_no: int, hybrid: Learner, twin: Learner | None,
+                     lineage: dict, extra: dict) -> str:
+    """Atomically write this round's weights, optimizer state, RNG state and lineage."""
+    params = {f"hybrid.{k}": v for k, v in hybrid.model.parameters().items()}
+    opt = {f"hybrid.{k}": v for k, v in hybrid.optimizer.state_dict().items()}
+    if twin is not None:
+        params.update({f"twin.{k}": v for k, v in twin.model.parameters().items()})
+        opt.update({f"twin.{k}": v for k, v in twin.optimizer.state_dict().items()})
+    rng_state = np.random.default_rng([rt.cfg.seed, round_no + 1]).bit_generator.state
+    path = checkpoint.save_checkpoint(rt.paths.checkpoints, round_no, params=params, optimizer_state=opt,
+                                      rng_state=rng_state, lineage=lineage, extra=extra)
+    return str(path)
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+

@@ -1,0 +1,142 @@
+"""Prefect flows: `train` (parent), one `training-round` child flow run per round, and one
+`prepare-owner` flow per data owner. Flows pass paths and small metadata, never ciphertexts."""
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from mpc_ops.errors import CheckpointError
+
+from . import artifacts, checkpoint, progress
+from .engine import batch_order, summarise
+from .runtime import LocalKeyHolderClient, Runtime
+from .tasks import (Traffic, build_learners, encrypt_owner_table, evaluate, restore_state, run_twin,
+                    set_up_key_holder, train_batch_group, write_checkpoint)
+
+BATCHES_PER_TASK = 4
+
+
+@flow(name="prepare-owner", flow_run_name="prepare-{owner}")
+def prepare_owner(config_path: str, run_dir: str, owner: str) -> dict:
+    """A data owner's side: validate, standardise, encrypt and publish its bundle."""
+    rt = Runtime(config_path, run_dir)
+    summary = encrypt_owner_table(rt, owner)
+    get_run_logger().info("owner %s: %d ciphertexts, %d bytes (%s)", owner, summary["ciphertexts"],
+                          summary["bytes"], "reused" if summary["reused"] else "encrypted")
+    return summary
+
+
+@flow(name="training-round", flow_run_name="round-{round_no}")
+def training_round(config_path: str, run_dir: str, round_no: int) -> dict:
+    """One epoch over the encrypted training batches, then evaluation and an atomic checkpoint."""
+    start = time.perf_counter()
+    rt = Runtime(config_path, run_dir)
+    traffic = Traffic()
+    hybrid, twin = build_learners(rt, round_no, traffic)
+    previous = restore_state(rt, hybrid, twin, round_no)
+    refs = rt.store.batches("train")
+    order = batch_order(rt.cfg.seed, round_no, len(refs))
+    decryptions_before = rt.key_holder.decryptions_used
+    results = []
+    for g in range(0, len(order), BATCHES_PER_TASK):
+        group = [refs[i] for i in order[g : g + BATCHES_PER_TASK]]
+        results += train_batch_group(rt, hybrid, group)
+        progress.notify("batch-done", round=round_no, done=len(results), total=len(refs))
+    loss, train_acc = summarise(results)
+    test_loss, test_acc = summarise(evaluate(rt, hybrid))
+    row = {
+        "round": round_no, "loss": round(loss, 6), "train_accuracy": round(train_acc, 6),
+        "test_loss": round(test_loss, 6), "test_accuracy": round(test_acc, 6),
+        "twin_test_accuracy": None, "seconds": 0.0,
+        "bytes_from_owners": rt.store.bytes_read, "bytes_to_key_holder": traffic.to_key_holder,
+        "bytes_from_key_holder": traffic.from_key_holder, "reveals": traffic.reveals,
+        "decryptions": rt.key_holder.decryptions_used - decryptions_before,
+    }
+    if twin is not None:
+        _, twin_test = run_twin(rt, twin, order)
+        row["twin_test_accuracy"] = round(summarise(twin_test)[1], 6)
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    history = previous.get("history", []) + [row]
+    lineage = {**rt.lineage(), "parent_checkpoint": previous.get("parent_checkpoint"),
+               "flow_run_id": str(flow_run.get_id())}
+    path = write_checkpoint(rt, round_no, hybrid, twin, lineage, {"history": history})
+    _emit(rt, "hetrain.round.completed", row)
+    _emit(rt, "hetrain.checkpoint.written", {"round": round_no, "path": path})
+    return row
+
+
+def _emit(rt: Runtime, event: str, payload: dict) -> None:
+    emit_event(event=event, resource={"prefect.resource.id": f"hetrain.run.{rt.cfg.name}",
+                                      "prefect.resource.name": rt.cfg.name}, payload=payload)
+
+
+def _stop_reason(cfg, rounds: list[dict]) -> str | None:
+    last = rounds[-1]
+    if cfg.train.target_accuracy is not None and last["test_accuracy"] >= cfg.train.target_accuracy:
+        return f"test accuracy {last['test_accuracy']:.4f} reached train.target_accuracy={cfg.train.target_accuracy}"
+    if cfg.train.patience is not None and len(rounds) > cfg.train.patience:
+        best_before = max(r["test_accuracy"] for r in rounds[: -cfg.train.patience])
+        if max(r["test_accuracy"] for r in rounds[-cfg.train.patience :]) <= best_before:
+            return f"no test-accuracy gain in train.patience={cfg.train.patience} rounds"
+    return None
+
+
+@flow(name="train", flow_run_name="{run_name}")
+def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = "hetrain") -> dict:
+    """Prepare every owner, then run rounds until the stop condition; write metrics and the summary."""
+    logger = get_run_logger()
+    rt = Runtime(config_path, run_dir)
+    rt.paths.root.mkdir(parents=True, exist_ok=True)
+    latest = checkpoint.latest_checkpoint(rt.paths.checkpoints)
+    if latest is not None and not resume:
+        raise CheckpointError(
+            f"run directory {rt.paths.root} already holds checkpoints (newest {latest.name}); pass --resume "
+            f"to continue it, or choose another --run-dir"
+        )
+    checkpoint.cleanup_temp(rt.paths.checkpoints)
+    LocalKeyHolderClient.forget()
+    key_id = set_up_key_holder(rt)
+    logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)
+    owners = [prepare_owner(config_path, run_dir, o.name) for o in rt.cfg.data.owners]
+
+    rounds, first = [], 1
+    if latest is not None:
+        rounds = checkpoint.load_checkpoint(latest).extra.get("history", [])
+        first = checkpoint.load_checkpoint(latest).round + 1
+        logger.info("resuming after %s", latest.name)
+    progress.notify("run-started", total=rt.cfg.train.rounds, first=first, done_rounds=rounds)
+    progress_id, reason = None, None
+    if rounds:
+        reason = _stop_reason(rt.cfg, rounds)
+    for round_no in range(first, rt.cfg.train.rounds + 1):
+        if reason:
+            break
+        row = training_round(config_path, run_dir, round_no)
+        rounds.append(row)
+        progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
+        artifacts.write_metrics(rt.paths.metrics, rounds, {})
+        progress.notify("round-done", row=row, total=rt.cfg.train.rounds)
+        reason = _stop_reason(rt.cfg, rounds)
+    reason = reason or f"train.rounds={rt.cfg.train.rounds} rounds done"
+
+    audit = LocalKeyHolderClient(rt.cfg, rt.paths.key_holder).audit_summary()
+    last = rounds[-1]
+    final = {
+        "test_accuracy": last["test_accuracy"], "plaintext_twin_test_accuracy": last["twin_test_accuracy"],
+        "decryptions": audit["decryptions_used"], "policy_refusals": audit["refuse"],
+        "rounds": len(rounds), "stop_reason": reason,
+        "mean_seconds_per_round": round(sum(r["seconds"] for r in rounds) / len(rounds), 3),
+        "mean_bytes_per_round": int(sum(r["bytes_from_owners"] + r["bytes_to_key_holder"]
+                                        + r["bytes_from_key_holder"] for r in rounds) / len(rounds)),
+        "key_id": key_id,
+    }
+    artifacts.write_metrics(rt.paths.metrics, rounds, final)
+    plot = artifacts.plot_png(rounds, rt.paths.root / "plots" / "training.png")
+    policy = rt.cfg.policy.model_dump()
+    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.root)
+    artifacts.publish_summary(rt.cfg.name, markdown, rt.paths.root / "summary.md")
+    progress.notify("run-done", final=final)
+    return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root)}

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
 
@@ -73,6 +74,12 @@ def _emit(rt: Runtime, event: str, payload: dict) -> None:
                                       "prefect.resource.name": rt.cfg.name}, payload=payload)
 
 
+def child_flow_settings():
+    """In-process child flows skip their own heartbeat thread: the parent's heartbeat covers the
+    process, and joining a child's heartbeat thread costs up to 1 s per round (it sleeps in 1 s steps)."""
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def _stop_reason(cfg, rounds: list[dict]) -> str | None:
     last = rounds[-1]
     if cfg.train.target_accuracy is not None and last["test_accuracy"] >= cfg.train.target_accuracy:
@@ -100,7 +107,8 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     LocalKeyHolderClient.forget()
     key_id = set_up_key_holder(rt)
     logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)
-    owners = [prepare_owner(config_path, run_dir, o.name) for o in rt.cfg.data.owners]
+    with child_flow_settings():
+        owners = [prepare_owner(config_path, run_dir, o.name) for o in rt.cfg.data.owners]
 
     rounds, first = [], 1
     if latest is not None:
@@ -114,7 +122,8 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     for round_no in range(first, rt.cfg.train.rounds + 1):
         if reason:
             break
-        row = training_round(config_path, run_dir, round_no)
+        with child_flow_settings():
+            row = training_round(config_path, run_dir, round_no)
         rounds.append(row)
         progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
         artifacts.write_metrics(rt.paths.metrics, rounds, {})

@@ -73,7 +73,8 @@ def cmd_train(args) -> int:
     print("  Prefect UI: the runs are stored in Prefect's local database; to browse them run")
     print(f"    {_prefect_bin()} server start")
     print("  and open http://127.0.0.1:4200/runs (flow 'train', run "
-          f"'{cfg.name}', artifacts '{cfg.name.lower()}-metrics' and '{cfg.name.lower()}-summary').")
+          f"'{cfg.name}', artifacts '{artifact_key(cfg.name, 'metrics')}' and "
+          f"'{artifact_key(cfg.name, 'summary')}').")
     return 0
 
 

@@ -29,11 +29,35 @@ class BatchRef:
         return f"{self.split}/{'+'.join(self.owners)}/b{self.index:04d}"
 
 
+def _check_structure(owner: str, path: Path, manifest: dict) -> None:
+    """Every split, batch and blob entry has the fields the reader relies on."""
+    def blob_ok(e) -> bool:
+        return isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str) \
+            and isinstance(e.get("bytes"), int)
+
+    splits = manifest.get("splits")
+    for split in ("train", "test"):
+        s = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(s, dict) or not isinstance(s.get("n"), int) or not blob_ok(s.get("ids")) \
+                or not isinstance(s.get("batches"), list):
+            raise BundleError(f"owner '{owner}': manifest {path} lacks a well-formed '{split}' split "
+                              f"(needs n, ids and batches)")
+        for b, batch in enumerate(s["batches"]):
+            if not isinstance(batch, dict) or not isinstance(batch.get("n"), int) or batch["n"] < 1 \
+                    or not all(blob_ok(e) for e in batch.get("rows", [None]) + batch.get("cols", [])):
+                raise BundleError(f"owner '{owner}': manifest {path}, {split} batch {b} is malformed "
+                                  f"(needs n >= 1 and rows/cols entries with file, sha256, bytes)")
+    labels = manifest.get("labels")
+    if labels is not None and not (isinstance(labels, dict) and all(blob_ok(labels.get(s)) for s in ("train", "test"))):
+        raise BundleError(f"owner '{owner}': manifest {path} has malformed label entries")
+
+
 class ExchangeStore:
     """Reads owners' bundles from RUN_DIR/exchange after checking key id, layout and alignment."""
 
     def __init__(self, root: Path, cfg: RunConfig, key_id: str, plan: PackingPlan):
         self.root, self.cfg, self.plan = Path(root), cfg, plan
+        self.bytes_read = 0
         self.manifests = {o.name: self._manifest(o.name, key_id) for o in cfg.data.owners}
         self.feature_index, offset = {}, 0
         for o in cfg.data.owners:
@@ -43,7 +67,6 @@ class ExchangeStore:
                 offset += width
         if cfg.data.partition == "vertical":
             self._check_alignment()
-        self.bytes_read = 0
 
     def _manifest(self, owner: str, key_id: str) -> dict:
         path = self.root / owner / "manifest.json"
@@ -61,9 +84,13 @@ class ExchangeStore:
         want = {"slots": self.plan.slots, "seg": self.plan.seg, "samples_per_ct": self.plan.samples_per_ct}
         if manifest.get("layout") != want:
             raise BundleError(f"owner '{owner}': layout {manifest.get('layout')} differs from the plan {want}")
-        for split in ("train", "test"):
-            if split not in manifest.get("splits", {}):
-                raise BundleError(f"owner '{owner}': manifest {path} has no '{split}' split")
+        declared = next(o for o in self.cfg.data.owners if o.name == owner)
+        if manifest.get("owner") != owner or manifest.get("features") != declared.features:
+            raise BundleError(
+                f"owner '{owner}': manifest {path} is for owner {manifest.get('owner')!r} with features "
+                f"{manifest.get('features')}, but the config declares {declared.features}"
+            )
+        _check_structure(owner, path, manifest)
         return manifest
 
     def _check_alignment(self) -> None:
@@ -83,7 +110,10 @@ class ExchangeStore:
                     )
 
     def _read(self, owner: str, entry: dict) -> bytes:
-        path = self.root / owner / entry["file"]
+        folder = (self.root / owner).resolve()
+        path = (folder / entry["file"]).resolve()
+        if not path.is_relative_to(folder):
+            raise BundleError(f"owner '{owner}': manifest names {entry['file']!r}, outside the owner's folder {folder}")
         if not path.is_file():
             raise BundleError(f"owner '{owner}': blob {path} named in the manifest is missing")
         size = path.stat().st_size

@@ -6,7 +6,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, SecurityParameterError
 from .params import CkksParams
 
 
@@ -104,6 +104,10 @@ class RunConfig(_Strict):
 
 
 def _check_model(cfg: RunConfig) -> None:
+    try:
+        cfg.ckks.params().validate(needed_depth=len(cfg.policy.cipher_layers))
+    except SecurityParameterError as exc:
+        raise ValueError(str(exc)) from None
     names = []
     for i, layer in enumerate(cfg.model.layers):
         if layer.kind == "linear" and (layer.name is None or layer.out_features is None):

@@ -8,6 +8,8 @@ is written to the owner's own folder, and only when the config asks for the twin
 import hashlib
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: st
         "features": owner.features, "label": owner.label, "batch_size": cfg.train.batch_size,
         "min_batch": cfg.policy.min_batch, "test_fraction": cfg.data.test_fraction,
         "slots": plan.slots, "seg": plan.seg, "labels": cfg.policy.labels,
+        "label_column": cfg.data.label_column, "id_column": cfg.data.id_column,
+        "task": cfg.data.task, "num_classes": cfg.data.num_classes,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -58,12 +62,9 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     out = Path(exchange_dir) / owner.name
     data_sha256 = store.sha256_file(owner.path) if owner.path.is_file() else ""
     key = bundle_key(cfg, owner, plan, key_id, data_sha256)
-    existing = out / MANIFEST
-    if existing.exists():
-        manifest = json.loads(existing.read_text())
-        if manifest.get("bundle_key") == key and (twin_dir is None or (twin_dir / f"{owner.name}.npz").exists()):
-            manifest["reused"] = True
-            return manifest
+    reusable = _reusable(out, key, twin_dir, owner.name)
+    if reusable is not None:
+        return reusable
 
     label_col = cfg.data.label_column if owner.label else None
     frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
@@ -83,6 +84,10 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
                 f"(data.num_classes={cfg.data.num_classes})"
             )
 
+    # Blobs go into a fresh generation folder; the manifest (written last, atomically) switches
+    # readers over, so a failed re-encryption never leaves a manifest naming half-written blobs.
+    generation = f"g-{key[:12]}-{os.urandom(3).hex()}"
+    gen_dir = out / generation
     manifest = {
         "format": FORMAT_VERSION, "owner": owner.name, "key_id": key_id, "bundle_key": key,
         "data_sha256": data_sha256, "features": owner.features,
@@ -92,21 +97,45 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     for split, x, ids in (("train", x_train, train_ids), ("test", x_test, test_ids)):
         slices = _batch_slices(len(x), cfg.train.batch_size, cfg.policy.min_batch)
         manifest["splits"][split] = {
-            "n": len(x), "ids": _write(out, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
-            "batches": [_encrypt_batch(context, plan, x[sl], out, split, b, with_cols=(split == "train"))
-                        for b, sl in enumerate(slices)],
+            "n": len(x),
+            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "batches": [_encrypt_batch(context, plan, x[sl], out, f"{generation}/{split}", b,
+                                       with_cols=(split == "train")) for b, sl in enumerate(slices)],
         }
     if owner.label:
         manifest["labels"] = {
-            split: _write(out, f"{split}/labels.npy", _npy(part[label_col].to_numpy(np.int64)))
+            split: _write(out, generation, f"{split}/labels.npy", _npy(part[label_col].to_numpy(np.int64)))
             for split, part in (("train", train), ("test", test))
         }
     if twin_dir is not None:
-        twin_dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, train=x_train, test=x_test)
         store.write_bytes(twin_dir / f"{owner.name}.npz", buf.getvalue())
+        manifest["twin_sha256"] = store.sha256_bytes(buf.getvalue())
     store.write_json(out / MANIFEST, manifest)  # last: a manifest only ever names complete blobs
+    for old in out.glob("g-*"):
+        if old.name != generation:
+            shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def _reusable(out: Path, key: str, twin_dir: Path | None, owner: str) -> dict | None:
+    """The existing manifest if it was made from the same inputs and all its files are intact."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("bundle_key") != key:
+        return None
+    entries = [e for s in manifest["splits"].values() for b in s["batches"] for e in b["rows"] + b["cols"]]
+    entries += [s["ids"] for s in manifest["splits"].values()] + list((manifest.get("labels") or {}).values())
+    if not all((out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in entries):
+        return None
+    if twin_dir is not None:
+        twin = twin_dir / f"{owner}.npz"
+        if not twin.is_file() or store.sha256_file(twin) != manifest.get("twin_sha256"):
+            return None
+    manifest["reused"] = True
     return manifest
 
 
@@ -116,19 +145,19 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write(out: Path, name: str, data: bytes) -> dict:
-    store.write_bytes(out / name, data)
-    return {"file": name, "sha256": store.sha256_bytes(data), "bytes": len(data)}
+def _write(out: Path, generation: str, name: str, data: bytes) -> dict:
+    store.write_bytes(out / generation / name, data)
+    return {"file": f"{generation}/{name}", "sha256": store.sha256_bytes(data), "bytes": len(data)}
 
 
-def _encrypt_batch(context, plan: PackingPlan, x: np.ndarray, out: Path, split: str, b: int,
+def _encrypt_batch(context, plan: PackingPlan, x: np.ndarray, out: Path, prefix: str, b: int,
                    with_cols: bool) -> dict:
     """Encrypt one batch chunk by chunk, in the rows layout and (for training) the cols layout."""
     entry = {"n": len(x), "rows": [], "cols": []}
     for c, sl in enumerate(plan.chunks(len(x))):
-        entry["rows"].append(_write(out, f"{split}/b{b:04d}-c{c:02d}.rows.ct",
+        entry["rows"].append(_write(out, prefix, f"b{b:04d}-c{c:02d}.rows.ct",
                                     ckks.encrypt(context, plan.rows_vector(x[sl]))))
         if with_cols:
-            entry["cols"].append(_write(out, f"{split}/b{b:04d}-c{c:02d}.cols.ct",
+            entry["cols"].append(_write(out, prefix, f"b{b:04d}-c{c:02d}.cols.ct",
                                         ckks.encrypt(context, plan.cols_vector(x[sl]))))
     return entry

@@ -17,7 +17,8 @@ def tolerance(sigma: float) -> float:
     """The key holder floods with N(0, σ²) and rounds to a grid of step <= σ/16.
 
     8σ bounds the noise for every revealed value (P(|z| > 8) ≈ 1e-15 each, a few thousand
-    values per test); the raw CKKS error (~2^-30) and the grid rounding hide in the 1e-6.
+    values per test); the raw CKKS error (below 2^-28, see test_flooding.py) and the grid rounding
+    (at most σ/32) hide in the 1e-6 and the 8σ.
     """
     return 8 * sigma + 1e-6
 

@@ -67,7 +67,7 @@ def test_tampered_ciphertext_stops_the_resumed_run_and_keeps_checkpoints(bc_run,
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     config = write_config(tmp_path, demo_data, rounds=6)
-    blob = sorted((copy / "exchange" / "clinic_a" / "train").glob("*.rows.ct"))[0]
+    blob = sorted((copy / "exchange" / "clinic_a").glob("g-*/train/*.rows.ct"))[0]
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))

@@ -83,7 +83,9 @@ def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learne
     model, twin_model = Model(rt.cfg), Model(rt.cfg)
     name = model.input.name
     hybrid = Learner(model, make_optimizer(rt.cfg),
-                     CipherLinear(name, model.input.W, rt.context, rt.plan), cipher_reveal(rt, round_no, traffic))
+                     CipherLinear(name, model.input.W, rt.context, rt.plan, rt.cfg.ckks.params().headroom,
+                                  rt.cfg.policy.mask_bound),
+                     cipher_reveal(rt, round_no, traffic))
     twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),
                    lambda x: x) if rt.cfg.report.plaintext_twin else None
     return hybrid, twin

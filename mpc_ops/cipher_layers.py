@@ -10,16 +10,22 @@ import numpy as np
 import tenseal as ts
 
 from . import ckks
-from .packing import PackingPlan
+from .packing import PackingPlan, gain_for
 from .tensors import EncryptedBatch, EncryptedTensor, PlainBatch
 
 
 class CipherLinear:
     """Encrypted input × plaintext weights: column-packed forward, slot-summed gradient."""
 
-    def __init__(self, name: str, weight: np.ndarray, context: ts.Context, plan: PackingPlan):
+    def __init__(self, name: str, weight: np.ndarray, context: ts.Context, plan: PackingPlan,
+                 headroom: float = 512.0, mask_bound: float = 64.0):
         self.name, self.W, self.context, self.plan = name, weight, context, plan
+        self.headroom, self.mask_bound = headroom, mask_bound
         self._x: EncryptedBatch | None = None
+
+    def _gain(self, multiplier: np.ndarray) -> float:
+        """Scale-up for one plaintext multiplier, undone after the reveal (divides the flooding noise)."""
+        return gain_for(float(np.abs(multiplier).sum()), self.headroom, self.mask_bound)
 
     def _load(self, blob: bytes) -> ts.CKKSVector:
         return ckks.load_vector(self.context, blob, self.plan.slots)
@@ -30,19 +36,21 @@ class CipherLinear:
         plan, (d_in, h) = self.plan, self.W.shape
         chunks = plan.chunks(x.n)
         rows = [[self._load(b) for b in part.rows] for part in x.parts]
-        blobs, counts, placement = [], [], []
+        blobs, counts, placement, gains = [], [], [], []
         for k in range(h):
+            gain = self._gain(self.W[:, k])
             for c, sl in enumerate(chunks):
                 acc = None
                 for part, cts in zip(x.parts, rows):
-                    term = ckks.multiply_plain(cts[c], plan.weight_vector(self.W[part.feature_index, k]))
+                    term = ckks.multiply_plain(cts[c], plan.weight_vector(gain * self.W[part.feature_index, k]))
                     acc = term if acc is None else acc.add(term)
                 blobs.append(ckks.segment_sum(self.context, acc, plan.seg, plan.slots).serialize())
                 counts.append(sl.stop - sl.start)
                 placement.append((np.arange(sl.start, sl.stop), k))
+                gains.append(gain)
         return EncryptedTensor(
             kind="activation", layer=self.name, shape=(x.n, h), blobs=blobs,
-            stride=[plan.seg] * len(blobs), counts=counts, placement=placement, aggregate=d_in,
+            stride=[plan.seg] * len(blobs), counts=counts, placement=placement, aggregate=d_in, gains=gains,
         )
 
     def backward(self, grad_out: np.ndarray) -> EncryptedTensor:
@@ -52,21 +60,23 @@ class CipherLinear:
             raise RuntimeError(f"layer '{self.name}': backward called before forward")
         d_in, h = self.W.shape
         chunks = plan.chunks(x.n)
-        blobs, counts, placement = [], [], []
+        blobs, counts, placement, gains = [], [], [], []
         for part in x.parts:
             cols = [self._load(b) for b in part.cols]
             n_feat = len(part.feature_index)
             for k in range(h):
+                gain = self._gain(grad_out[:, k])
                 acc = None
                 for c, sl in enumerate(chunks):
-                    term = ckks.multiply_plain(cols[c], plan.delta_vector(grad_out[sl, k], n_feat))
+                    term = ckks.multiply_plain(cols[c], plan.delta_vector(gain * grad_out[sl, k], n_feat))
                     acc = term if acc is None else acc.add(term)
                 blobs.append(ckks.segment_sum(self.context, acc, plan.col_seg, plan.slots).serialize())
                 counts.append(n_feat)
                 placement.append((part.feature_index, k))
+                gains.append(gain)
         return EncryptedTensor(
             kind="gradient", layer=self.name, shape=(d_in, h), blobs=blobs,
-            stride=[plan.col_seg] * len(blobs), counts=counts, placement=placement, aggregate=x.n,
+            stride=[plan.col_seg] * len(blobs), counts=counts, placement=placement, aggregate=x.n, gains=gains,
         )
 
 

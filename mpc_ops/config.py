@@ -165,15 +165,20 @@ def _check_model(cfg: RunConfig) -> None:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Keys allowed at the parent of `loc` inside `model`, for unknown-key messages."""
     current: type[BaseModel] | None = model
+    skip_key = False
     for part in loc[:-1]:
         if current is None or isinstance(part, int):
+            continue
+        if skip_key:  # the user's own key inside a dict-valued field (e.g. policy.reveals.<layer>)
+            skip_key = False
             continue
         field = current.model_fields.get(str(part))
         if field is None:
             return []
         ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [ann, *args]
+        origin_args = getattr(ann, "__args__", ())
+        skip_key = getattr(ann, "__origin__", None) is dict
+        candidates = [ann, *origin_args]
         current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
     return sorted(current.model_fields) if current else []
 
@@ -190,7 +195,10 @@ def format_errors(exc: ValidationError, source: str) -> str:
             lines.append(f"{source}: key '{loc}' is required")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: key '{loc}': {msg}; got {err.get('input')!r}")
+            received = err.get("input")
+            # Cross-checks get the whole mapping as input; their message already names the value.
+            got = "" if not err["loc"] or isinstance(received, dict) else f"; got {received!r}"
+            lines.append(f"{source}: key '{loc}': {msg}{got}")
     return "\n".join(lines)
 
 

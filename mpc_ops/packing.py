@@ -20,6 +20,26 @@ import numpy as np
 from .errors import ConfigError
 
 
+FEATURE_CLIP = 4.0  # owners clip standardised features to ±FEATURE_CLIP: the bound behind every gain
+MAX_GAIN = 64.0  # largest plaintext gain; measured to keep the product error below the rotation error
+
+
+def gain_for(l1: float, headroom: float, mask_bound: float) -> float:
+    """Largest gain c ≤ MAX_GAIN such that c·FEATURE_CLIP·l1 + mask_bound stays within half the headroom.
+
+    `l1` is the L1 norm of the plaintext multiplier (a weight column or a delta column), so
+    every slot and every partial sum of the product is bounded by FEATURE_CLIP·l1. Scaling it
+    up before the reveal, and down after, divides the flooding noise by c at no cost in
+    CKKS error (which the rotations dominate).
+    """
+    room = headroom / 2 - mask_bound
+    if room <= 0:
+        raise ConfigError(f"policy.mask_bound={mask_bound} leaves no room under the headroom {headroom}")
+    if l1 <= 0:
+        return MAX_GAIN
+    return float(min(MAX_GAIN, room / (FEATURE_CLIP * l1)))
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()

@@ -38,7 +38,8 @@ class PlainBatch:
 
 @dataclass
 class EncryptedTensor:
-    """A layer output in ciphertext: blob b's meaningful values sit at slots stride*t, t < counts[b].
+    """A layer output in ciphertext: blob b's meaningful values, times gains[b], sit at slots
+    stride*t, t < counts[b].
 
     `placement[b]` says where blob b's values land in the plaintext result of `shape`:
     a (row slice, column) pair, values running down the rows.
@@ -52,6 +53,7 @@ class EncryptedTensor:
     counts: list[int]
     placement: list[tuple[np.ndarray, int]]
     aggregate: int  # samples summed into each gradient value, or features into each activation
+    gains: list[float] | None = None  # plaintext scale-up per blob, divided out in `assemble`
     meta: dict = field(default_factory=dict)
 
     @property
@@ -61,6 +63,7 @@ class EncryptedTensor:
     def assemble(self, values: list[np.ndarray]) -> np.ndarray:
         """Place each blob's revealed values into the plaintext result."""
         out = np.zeros(self.shape)
-        for (rows, col), vals in zip(self.placement, values):
-            out[rows, col] = vals
+        gains = self.gains or [1.0] * len(values)
+        for (rows, col), vals, gain in zip(self.placement, values, gains):
+            out[rows, col] = vals / gain
         return out

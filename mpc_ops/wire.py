@@ -49,7 +49,9 @@ def _varint(value: int) -> bytes:
 
 def parse(blob: bytes, *, max_slots: int) -> VectorBlob:
     """Parse and structurally validate a CKKSVector blob; raise BundleError on anything odd."""
-    if not isinstance(blob, (bytes, bytearray)) or len(blob) < 32:
+    if not isinstance(blob, (bytes, bytearray)):
+        raise BundleError(f"ciphertext blob: expected bytes, got {type(blob).__name__}")
+    if len(blob) < 32:
         raise BundleError(f"ciphertext blob: expected at least 32 bytes, got {len(blob)}")
     fields: dict[int, bytes] = {}
     pos = 0

@@ -17,7 +17,7 @@ import numpy as np
 from mpc_ops import ckks, store
 from mpc_ops.config import OwnerConfig, RunConfig
 from mpc_ops.errors import SchemaError
-from mpc_ops.packing import PackingPlan
+from mpc_ops.packing import FEATURE_CLIP, PackingPlan
 
 from .table import Standardizer, batches, load_table, split_ids
 
@@ -73,7 +73,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
                                     test_fraction=cfg.data.test_fraction)
     indexed = frame.set_index(cfg.data.id_column)
     train, test = indexed.loc[list(train_ids)], indexed.loc[list(test_ids)]
-    scaler = Standardizer.fit(train, owner.features)
+    scaler = Standardizer.fit(train, owner.features, clip=FEATURE_CLIP)
     x_train = scaler.transform(train)[owner.features].to_numpy(np.float64)
     x_test = scaler.transform(test)[owner.features].to_numpy(np.float64)
     if label_col and cfg.data.task == "multiclass":

@@ -15,7 +15,7 @@ import tenseal as ts
 
 from mpc_ops import ckks, flooding, store, wire
 from mpc_ops.config import PolicyConfig
-from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal
+from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
 from mpc_ops.params import CkksParams
 from mpc_ops.policy import LayerShape, check_reveal
 from mpc_ops.reveal import RevealRequest, RevealResponse
@@ -23,6 +23,12 @@ from mpc_ops.reveal import RevealRequest, RevealResponse
 SECRET_FILE = "secret_context.bin"
 STATE_FILE = "state.json"
 AUDIT_FILE = "audit.jsonl"
+
+
+def _params_record(params: CkksParams) -> dict:
+    """How the key's CKKS parameters are recorded in state.json (compared on every reopen)."""
+    return {"poly_modulus_degree": params.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes), "scale_bits": params.scale_bits}
 
 
 class KeyHolder:
@@ -49,6 +55,14 @@ class KeyHolder:
             context = ts.context_from(secret.read_bytes())
             if not context.is_private():
                 raise BundleError(f"{secret}: holds no secret key")
+            stored = json.loads((directory / STATE_FILE).read_text()).get("params") \
+                if (directory / STATE_FILE).exists() else None
+            wanted = _params_record(params)
+            if stored != wanted:
+                raise SecurityParameterError(
+                    f"{directory}: the stored key was made with {stored}, but the config asks for "
+                    f"{wanted}; use a new run directory (a new key) for new CKKS parameters"
+                )
             return cls(directory, context, params, policy, shapes)
         params.validate()
         context = ts.context(
@@ -88,10 +102,9 @@ class KeyHolder:
                     f"{self.decryptions_used} of the budget of {self.budget} decryptions are used and "
                     f"this request needs {len(request.blobs)}; rotate the key (new run) to continue"
                 )
-            terms = max(request.aggregate, 64)
             sigma = flooding.flood_sigma(
                 self.policy.flooding.security_bits, self.budget,
-                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, terms),
+                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride)),
             )
             # Charge the budget before decrypting: a decryption leaks whether or not it is returned.
             self.decryptions_used += len(request.blobs)
@@ -113,8 +126,11 @@ class KeyHolder:
 
     def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> np.ndarray:
         full = wire.with_size(blob, slots, max_slots=slots)
-        vector = ts.ckks_vector_from(self._context, full)
-        values = np.asarray(vector.decrypt())[: stride * count : stride]
+        try:
+            vector = ts.ckks_vector_from(self._context, full)
+            values = np.asarray(vector.decrypt())[: stride * count : stride]
+        except (RuntimeError, ValueError, TypeError) as exc:  # TenSEAL/SEAL reject a corrupt payload
+            raise BundleError(f"ciphertext cannot be loaded or decrypted: {exc}") from None
         limit = self.params.headroom
         if not np.all(np.isfinite(values)) or np.abs(values).max() > limit:
             raise ForeignKeyError(
@@ -144,7 +160,7 @@ class KeyHolder:
     def _write_state(self) -> None:
         store.write_json(self.directory / STATE_FILE, {
             "key_id": self.key_id, "decryptions_used": self.decryptions_used, "budget": self.budget,
-            "audit_head": self._last_hash, "audit_seq": self._seq,
+            "audit_head": self._last_hash, "audit_seq": self._seq, "params": _params_record(self.params),
         }, mode=0o600)
 
     def _audit(self, request: RevealRequest, decision: str, **details) -> None:

@@ -14,7 +14,8 @@ MASK_BOUND = 64.0
 
 
 def tolerance(sigma: float) -> float:
-    """The key holder floods with N(0, σ²) and rounds to a grid of step <= σ/16.
+    """The key holder floods with N(0, σ²) and rounds to a grid of step <= σ/16; the layer's gain
+    (>= 1) divides both. The revealed σ here is the noise on the *scaled* values.
 
     8σ bounds the noise for every revealed value (P(|z| > 8) ≈ 1e-15 each, a few thousand
     values per test); the raw CKKS error (below 2^-28, see test_flooding.py) and the grid rounding
@@ -40,7 +41,7 @@ def reveal(enc, ckks_keys, round_no=0) -> tuple[np.ndarray, float]:
     holder, public = ckks_keys
     request, masks = blind(enc, public, key_id=holder.key_id, round_no=round_no, mask_bound=MASK_BOUND)
     response = holder.reveal(request)
-    return unblind(enc, response, masks), response.sigma
+    return unblind(enc, response, masks), response.sigma / min(enc.gains)
 
 
 CASES = {
@@ -150,3 +151,27 @@ def test_backward_before_forward_is_refused(ckks_keys):
     for layer in (cipher, twin):
         with pytest.raises(RuntimeError, match=r"layer 'enc1': backward called before forward"):
             layer.backward(np.zeros((8, H)))
+
+
+def test_gain_scaling_divides_the_flooding_noise_without_leaving_the_headroom(ckks_keys):
+    # Prepare: deltas as a mean loss produces them (they carry 1/n), so their L1 norm is small
+    from mpc_ops.packing import FEATURE_CLIP, gain_for
+
+    holder, public = ckks_keys
+    rng = np.random.default_rng(3)
+    plan = PackingPlan.for_features([32, 32], holder.params.slots)
+    x = np.clip(rng.normal(size=(128, 64)), -FEATURE_CLIP, FEATURE_CLIP)
+    w = rng.normal(scale=0.1, size=(64, H))
+    delta = rng.normal(size=(128, H)) / 128
+    layer = CipherLinear("enc1", w, public, plan, holder.params.headroom, MASK_BOUND)
+    # Execute
+    layer.forward(encrypt_batch(public, plan, x, [32, 32]))
+    enc_g = layer.backward(delta)
+    revealed, sigma = reveal(enc_g, ckks_keys)
+    # Assert: every gain obeys the headroom bound and is > 1 here, and the error shrinks with it
+    room = holder.params.headroom / 2 - MASK_BOUND
+    for gain, (_, k) in zip(enc_g.gains, enc_g.placement):
+        assert gain == gain_for(np.abs(delta[:, k]).sum(), holder.params.headroom, MASK_BOUND)
+        assert gain * FEATURE_CLIP * np.abs(delta[:, k]).sum() <= room + 1e-9
+        assert gain > 1.0
+    np.testing.assert_allclose(revealed, x.T @ delta, rtol=0, atol=tolerance(sigma))

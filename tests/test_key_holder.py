@@ -230,10 +230,6 @@ def test_ciphertext_under_another_holders_key_is_refused_instead_of_decrypted_to
     assert other.decryptions_used == 0
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "key_holder.reveal catches only PolicyRefusal/BundleError: TenSEAL's RuntimeError on a corrupt SEAL "
-    "payload escapes unaudited, after the budget was charged in memory but not persisted"
-))
 def test_ciphertext_with_a_corrupt_seal_payload_is_refused_audited_and_its_charge_persisted(keys):
     # Prepare: valid wire structure and SEAL header, scrambled polynomial data in the second blob
     holder, public = keys

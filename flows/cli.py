@@ -14,14 +14,16 @@ QUIET_PREFECT = {
     # logged by its services at ERROR with tracebacks; they are harmless for a finished run.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Flow runs wait for the API log batch to flush when they end; 2 s (the default) per round is
+    # too much for rounds of a few seconds.
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.25",
 }
 
 
 def _quiet_prefect(verbose: bool) -> None:
-    if not verbose:
-        for key, value in QUIET_PREFECT.items():
+    for key, value in QUIET_PREFECT.items():
+        if not verbose or "LOGGING_HANDLERS" not in key and "SERVER_LOGGING" not in key:
             os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _fail(message: str, code: int = 2) -> int:

@@ -14,7 +14,7 @@ from mpc_ops.errors import CheckpointError
 from . import artifacts, checkpoint, progress
 from .engine import batch_order, summarise
 from .runtime import LocalKeyHolderClient, Runtime
-from .tasks import (Traffic, build_learners, encrypt_owner_table, evaluate, restore_state, run_twin,
+from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
 
 BATCHES_PER_TASK = 4
@@ -33,21 +33,30 @@ def prepare_owner(config_path: str, run_dir: str, owner: str) -> dict:
 @flow(name="training-round", flow_run_name="round-{round_no}")
 def training_round(config_path: str, run_dir: str, round_no: int) -> dict:
     """One epoch over the encrypted training batches, then evaluation and an atomic checkpoint."""
+    row = run_round(config_path, run_dir, round_no)
+    rt = Runtime(config_path, run_dir)
+    _emit(rt, "hetrain.round.completed", row)
+    _emit(rt, "hetrain.checkpoint.written", {"round": round_no, "path": row["checkpoint"]})
+    return row
+
+
+def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
+    """The body of a round; tasks go through `run`, so it also runs with the engine off."""
     start = time.perf_counter()
     rt = Runtime(config_path, run_dir)
     traffic = Traffic()
     hybrid, twin = build_learners(rt, round_no, traffic)
-    previous = restore_state(rt, hybrid, twin, round_no)
+    previous = run(restore_state, rt, hybrid, twin, round_no)
     refs = rt.store.batches("train")
     order = batch_order(rt.cfg.seed, round_no, len(refs))
     decryptions_before = rt.key_holder.decryptions_used
     results = []
     for g in range(0, len(order), BATCHES_PER_TASK):
         group = [refs[i] for i in order[g : g + BATCHES_PER_TASK]]
-        results += train_batch_group(rt, hybrid, group)
+        results += run(train_batch_group, rt, hybrid, group)
         progress.notify("batch-done", round=round_no, done=len(results), total=len(refs))
     loss, train_acc = summarise(results)
-    test_loss, test_acc = summarise(evaluate(rt, hybrid))
+    test_loss, test_acc = summarise(run(evaluate, rt, hybrid))
     row = {
         "round": round_no, "loss": round(loss, 6), "train_accuracy": round(train_acc, 6),
         "test_loss": round(test_loss, 6), "test_accuracy": round(test_acc, 6),
@@ -57,15 +66,15 @@ def training_round(config_path: str, run_dir: str, round_no: int) -> dict:
         "decryptions": rt.key_holder.decryptions_used - decryptions_before,
     }
     if twin is not None:
-        _, twin_test = run_twin(rt, twin, order)
+        _, twin_test = run(run_twin, rt, twin, order)
         row["twin_test_accuracy"] = round(summarise(twin_test)[1], 6)
     row["seconds"] = round(time.perf_counter() - start, 3)
+    row["checkpoint"] = str(rt.paths.checkpoints / f"round-{round_no:05d}")
     history = previous.get("history", []) + [row]
+    flow_run_id = flow_run.get_id() if ENGINE.get() else None
     lineage = {**rt.lineage(), "parent_checkpoint": previous.get("parent_checkpoint"),
-               "flow_run_id": str(flow_run.get_id())}
-    path = write_checkpoint(rt, round_no, hybrid, twin, lineage, {"history": history})
-    _emit(rt, "hetrain.round.completed", row)
-    _emit(rt, "hetrain.checkpoint.written", {"round": round_no, "path": path})
+               "flow_run_id": str(flow_run_id) if flow_run_id else None}
+    run(write_checkpoint, rt, round_no, hybrid, twin, lineage, {"history": history})
     return row
 
 

@@ -57,7 +57,7 @@ def test_digits_vertical_config_loads_with_one_label_owner():
     # Assert
     assert (cfg.data.partition, cfg.data.task, cfg.data.num_classes) == ("vertical", "multiclass", 10)
     assert [(o.name, o.label, len(o.features)) for o in cfg.data.owners] == [("bank", False, 32), ("telco", True, 32)]
-    assert cfg.policy.flooding.budget == 262144
+    assert cfg.policy.flooding.budget == 32768
     cfg.ckks.params().validate()
 
 

@@ -354,6 +354,10 @@ def test_load_public_context_refuses_junk_and_a_context_of_another_key(ckks_keys
 
 LIBRARY_DIRS = ("mpc_ops", "participants", "flows", "bench")
 KEY_HOLDER = "participants/key_holder.py"
+# Benchmark code that owns its own throwaway keys and is not a hetrain role: the TenSEAL
+# Tutorial-1 baseline (its layout decrypts and re-encrypts weights every epoch) and the
+# microbenchmark that times decryption for the cost model. Neither ever sees a run's keys.
+EXEMPT = {"bench/tutorial_lr.py", "bench/microbench.py"}
 
 
 def secret_key_uses(source: str) -> list[tuple[int, str]]:
@@ -412,7 +416,7 @@ def test_only_the_key_holder_module_decrypts_or_touches_a_secret_key():
     # Execute
     offending = [
         f"{path.relative_to(REPO).as_posix()}:{line}: {what}"
-        for path in files if path.relative_to(REPO).as_posix() != KEY_HOLDER
+        for path in files if path.relative_to(REPO).as_posix() not in {KEY_HOLDER} | EXEMPT
         for line, what in secret_key_uses(path.read_text())
     ]
 

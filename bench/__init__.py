@@ -1,0 +1,1 @@
+"""Benchmarks: baselines that hetrain is measured against."""

@@ -16,10 +16,11 @@ The layout reproduced here:
   then decrypt the weights (CKKS here has no bootstrapping, so the weights are re-encrypted
   each epoch). As in the tutorial, an epoch's time covers the forward/backward loop and the
   update, not the re-encryption and decryption of the 31 weights.
-- precision: at the tutorial's scale of 2**21, TenSEAL's `dot` (a sum over all 4096 slots by
-  rotations) carries a noise offset that is fixed per key and measured here at about +-0.7 to
-  +-1.5 on the linear output, plus about 0.13 per sample (TenSEAL 0.3.18). The baseline keeps
-  the tutorial's parameters anyway: that noise is part of the layout being compared.
+- precision: at the tutorial's scale of 2**21, TenSEAL's `dot` (a multiply, then a sum by
+  slot rotations) carries rotation noise that is mostly fixed per key: measured here as an
+  offset of about 0.7 to 1.5 in magnitude on the 30-feature linear output, plus about 0.13
+  per sample (TenSEAL 0.3.18). The baseline keeps the tutorial's parameters anyway: that
+  noise is part of the layout being compared.
 - evaluation: plain accuracy on the plaintext test set with the decrypted weights, exact
   sigmoid, threshold 0.5.
 

@@ -19,6 +19,7 @@ from mpc_ops import ckks, store
 from mpc_ops.bundle import ExchangeStore
 from mpc_ops.config import RunConfig, load_config
 from mpc_ops.packing import PackingPlan
+from mpc_ops.planner import LayerShape, plan_layer
 from mpc_ops.policy import cipher_layer_shapes
 from mpc_ops.reveal import RevealRequest, RevealResponse
 
@@ -58,9 +59,18 @@ def config_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def packing_plan(cfg: RunConfig) -> PackingPlan:
-    """The slot layout every owner encrypts in, chosen by the trainer from the declared shapes."""
-    return PackingPlan.for_features([len(o.features) for o in cfg.data.owners], cfg.ckks.params().slots)
+def layer_shape(cfg: RunConfig) -> LayerShape:
+    """The ciphertext layer's shape as the planner sees it: which owners meet in one batch."""
+    first = cfg.model.layers[0]
+    owners = tuple(len(o.features) for o in cfg.data.owners) if cfg.data.partition == "vertical" \
+        else (len(cfg.data.owners[0].features),)
+    return LayerShape(owners, first.out_features, cfg.train.batch_size, cfg.ckks.params().slots)
+
+
+def packing_plan(cfg: RunConfig, costs: dict | None = None) -> PackingPlan:
+    """The slot layout every owner encrypts in, chosen by the planner from the declared shapes."""
+    shape = layer_shape(cfg)
+    return plan_layer(shape, costs, cfg.packing.forward).packing(shape)
 
 
 class LocalKeyHolderClient:

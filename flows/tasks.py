@@ -56,7 +56,8 @@ def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
     twin_dir = rt.paths.owners / owner if rt.cfg.report.plaintext_twin else None
     manifest = data_owner.prepare(rt.cfg, owner_cfg, rt.paths.public_context.read_bytes(), rt.plan,
                                   rt.paths.exchange, twin_dir)
-    blobs = [e for s in manifest["splits"].values() for b in s["batches"] for e in b["rows"] + b["cols"]]
+    blobs = [e for s in manifest["splits"].values() for b in s["batches"]
+             for e in b["rows"] + b["cols"] + b.get("column", [])]
     return {"owner": owner, "reused": manifest["reused"], "bytes": sum(e["bytes"] for e in blobs),
             "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
             "n_test": manifest["splits"]["test"]["n"]}

@@ -50,17 +50,21 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
     refs = rt.store.batches("train")
     order = batch_order(rt.cfg.seed, round_no, len(refs))
     decryptions_before = rt.key_holder.decryptions_used
-    results = []
+    results, train_start = [], time.perf_counter()
     for g in range(0, len(order), BATCHES_PER_TASK):
         group = [refs[i] for i in order[g : g + BATCHES_PER_TASK]]
         results += run(train_batch_group, rt, hybrid, group)
         progress.notify("batch-done", round=round_no, done=len(results), total=len(refs))
+    train_seconds = time.perf_counter() - train_start
     loss, train_acc = summarise(results)
+    eval_start = time.perf_counter()
     test_loss, test_acc = summarise(run(evaluate, rt, hybrid))
+    eval_seconds = time.perf_counter() - eval_start
     row = {
         "round": round_no, "loss": round(loss, 6), "train_accuracy": round(train_acc, 6),
         "test_loss": round(test_loss, 6), "test_accuracy": round(test_acc, 6),
-        "twin_test_accuracy": None, "seconds": 0.0,
+        "twin_test_accuracy": None, "seconds": 0.0, "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
         "bytes_from_owners": rt.store.bytes_read, "bytes_to_key_holder": traffic.to_key_holder,
         "bytes_from_key_holder": traffic.from_key_holder, "reveals": traffic.reveals,
         "decryptions": rt.key_holder.decryptions_used - decryptions_before,

@@ -44,7 +44,8 @@ def _check_structure(owner: str, path: Path, manifest: dict) -> None:
                               f"(needs n, ids and batches)")
         for b, batch in enumerate(s["batches"]):
             if not isinstance(batch, dict) or not isinstance(batch.get("n"), int) or batch["n"] < 1 \
-                    or not all(blob_ok(e) for e in batch.get("rows", [None]) + batch.get("cols", [])):
+                    or not all(blob_ok(e) for e in batch.get("rows", [None]) + batch.get("cols", [])
+                               + batch.get("column", [])):
                 raise BundleError(f"owner '{owner}': manifest {path}, {split} batch {b} is malformed "
                                   f"(needs n >= 1 and rows/cols entries with file, sha256, bytes)")
     labels = manifest.get("labels")
@@ -81,7 +82,8 @@ class ExchangeStore:
                 f"owner '{owner}': bundle was encrypted under key id {manifest.get('key_id')!r}, "
                 f"but the key holder's key id is {key_id!r}; the owner must re-encrypt"
             )
-        want = {"slots": self.plan.slots, "seg": self.plan.seg, "samples_per_ct": self.plan.samples_per_ct}
+        want = {"slots": self.plan.slots, "seg": self.plan.seg, "samples_per_ct": self.plan.samples_per_ct,
+                "forward": self.plan.forward}
         if manifest.get("layout") != want:
             raise BundleError(f"owner '{owner}': layout {manifest.get('layout')} differs from the plan {want}")
         declared = next(o for o in self.cfg.data.owners if o.name == owner)
@@ -152,6 +154,7 @@ class ExchangeStore:
                 owner, self.feature_index[owner],
                 [self._read(owner, e) for e in entry["rows"]],
                 [self._read(owner, e) for e in entry["cols"]],
+                [self._read(owner, e) for e in entry.get("column", [])],
             ))
         return EncryptedBatch(ref.batch_id, n, parts)
 

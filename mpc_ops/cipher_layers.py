@@ -31,8 +31,12 @@ class CipherLinear:
         return ckks.load_vector(self.context, blob, self.plan.slots)
 
     def forward(self, x: EncryptedBatch) -> EncryptedTensor:
-        """z[:, k] = X·W[:, k] for every output k, one rotate-and-sum per chunk and output."""
+        """z[:, k] = X·W[:, k] for every output k, in the plan's forward layout."""
         self._x = x
+        return self._forward_column(x) if self.plan.forward == "column" else self._forward_rows(x)
+
+    def _forward_rows(self, x: EncryptedBatch) -> EncryptedTensor:
+        """Rows layout: one ct × plain and one rotate-and-sum per chunk and output."""
         plan, (d_in, h) = self.plan, self.W.shape
         chunks = plan.chunks(x.n)
         rows = [[self._load(b) for b in part.rows] for part in x.parts]
@@ -51,6 +55,33 @@ class CipherLinear:
         return EncryptedTensor(
             kind="activation", layer=self.name, shape=(x.n, h), blobs=blobs,
             stride=[plan.seg] * len(blobs), counts=counts, placement=placement, aggregate=d_in, gains=gains,
+        )
+
+    def _forward_column(self, x: EncryptedBatch) -> EncryptedTensor:
+        """Column layout: z[:, k] = Σ_j W[j, k]·x_j with ciphertext × scalar, no rotation."""
+        plan, (d_in, h) = self.plan, self.W.shape
+        chunks = plan.column_chunks(x.n)
+        columns = []  # per owner: per chunk, that owner's feature ciphertexts
+        for part in x.parts:
+            width = len(part.feature_index)
+            loaded = [self._load(b) for b in part.column]
+            columns.append([loaded[c * width : (c + 1) * width] for c in range(len(chunks))])
+        blobs, counts, placement, gains = [], [], [], []
+        for k in range(h):
+            gain = self._gain(self.W[:, k])
+            for c, sl in enumerate(chunks):
+                acc = None
+                for part, per_chunk in zip(x.parts, columns):
+                    for j, vector in zip(part.feature_index, per_chunk[c]):
+                        term = vector.mul(float(gain * self.W[j, k]))
+                        acc = term if acc is None else acc.add_(term)
+                blobs.append(acc.serialize())
+                counts.append(sl.stop - sl.start)
+                placement.append((np.arange(sl.start, sl.stop), k))
+                gains.append(gain)
+        return EncryptedTensor(
+            kind="activation", layer=self.name, shape=(x.n, h), blobs=blobs,
+            stride=[1] * len(blobs), counts=counts, placement=placement, aggregate=d_in, gains=gains,
         )
 
     def backward(self, grad_out: np.ndarray) -> EncryptedTensor:

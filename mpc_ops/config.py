@@ -83,6 +83,10 @@ class CkksConfig(_Strict):
         return CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.scale_bits)
 
 
+class PackingConfig(_Strict):
+    forward: Literal["auto", "rows", "column"] = "auto"
+
+
 class ReportConfig(_Strict):
     plaintext_twin: bool = True
 
@@ -95,6 +99,7 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     policy: PolicyConfig
     ckks: CkksConfig = CkksConfig()
+    packing: PackingConfig = PackingConfig()
     report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")

@@ -45,24 +45,48 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+FORWARD_LAYOUTS = ("rows", "column")
+
+
 @dataclass(frozen=True)
 class PackingPlan:
-    """Segment width and slot count shared by every owner's bundle in a run."""
+    """Segment width, slot count and forward layout shared by every owner's bundle in a run.
+
+    `forward` is "rows" (sample-major segments, one rotate-and-sum per output) or "column"
+    (one ciphertext per feature holding up to `slots` samples, ciphertext × scalar, no
+    rotation). The gradient always uses the feature-major "cols" layout.
+    """
 
     slots: int
     seg: int
+    forward: str = "rows"
 
     def __post_init__(self):
         if self.seg < 1 or self.seg & (self.seg - 1) or self.seg > self.slots:
             raise ConfigError(f"packing seg must be a power of two in [1, {self.slots}], got {self.seg}")
+        if self.forward not in FORWARD_LAYOUTS:
+            raise ConfigError(f"packing forward layout must be one of {FORWARD_LAYOUTS}, got {self.forward!r}")
 
     @classmethod
-    def for_features(cls, feature_counts: list[int], slots: int) -> "PackingPlan":
+    def for_features(cls, feature_counts: list[int], slots: int, forward: str = "rows") -> "PackingPlan":
         """The narrowest plan that fits the widest owner."""
         widest = max(feature_counts)
         if widest > slots:
             raise ConfigError(f"an owner has {widest} features; at most {slots} fit in one ciphertext")
-        return cls(slots=slots, seg=next_pow2(widest))
+        return cls(slots=slots, seg=next_pow2(widest), forward=forward)
+
+    def column_chunks(self, n: int) -> list[slice]:
+        """Sample ranges of the column layout: up to `slots` samples per ciphertext."""
+        return [slice(s, min(s + self.slots, n)) for s in range(0, n, self.slots)]
+
+    def column_vectors(self, chunk: np.ndarray) -> list[np.ndarray]:
+        """One slot vector per feature: the chunk's samples of that feature, zero-padded."""
+        chunk = np.asarray(chunk, dtype=np.float64)
+        if chunk.ndim != 2 or chunk.shape[0] > self.slots:
+            raise ConfigError(f"a column chunk must be at most {self.slots} samples × d, got shape {chunk.shape}")
+        out = np.zeros((chunk.shape[1], self.slots))
+        out[:, : chunk.shape[0]] = chunk.T
+        return list(out)
 
     @property
     def samples_per_ct(self) -> int:

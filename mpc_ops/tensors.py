@@ -13,6 +13,7 @@ class OwnerPart:
     feature_index: np.ndarray  # positions of this owner's features in the model's input
     rows: list[bytes]  # one blob per chunk, rows layout
     cols: list[bytes]  # one blob per chunk, cols layout
+    column: list[bytes] = field(default_factory=list)  # column layout: chunk-major, one blob per feature
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EncryptedBatch:
 
     @property
     def n_bytes(self) -> int:
-        return sum(len(b) for p in self.parts for b in p.rows + p.cols)
+        return sum(len(b) for p in self.parts for b in p.rows + p.cols + p.column)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: st
         "format": FORMAT_VERSION, "key_id": key_id, "data_sha256": data_sha256, "seed": cfg.seed,
         "features": owner.features, "label": owner.label, "batch_size": cfg.train.batch_size,
         "min_batch": cfg.policy.min_batch, "test_fraction": cfg.data.test_fraction,
-        "slots": plan.slots, "seg": plan.seg, "labels": cfg.policy.labels,
+        "slots": plan.slots, "seg": plan.seg, "forward": plan.forward, "labels": cfg.policy.labels,
         "label_column": cfg.data.label_column, "id_column": cfg.data.id_column,
         "task": cfg.data.task, "num_classes": cfg.data.num_classes,
     }
@@ -91,7 +91,8 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     manifest = {
         "format": FORMAT_VERSION, "owner": owner.name, "key_id": key_id, "bundle_key": key,
         "data_sha256": data_sha256, "features": owner.features,
-        "layout": {"slots": plan.slots, "seg": plan.seg, "samples_per_ct": plan.samples_per_ct},
+        "layout": {"slots": plan.slots, "seg": plan.seg, "samples_per_ct": plan.samples_per_ct,
+                   "forward": plan.forward},
         "splits": {}, "labels": None, "reused": False,
     }
     for split, x, ids in (("train", x_train, train_ids), ("test", x_test, test_ids)):
@@ -127,7 +128,8 @@ def _reusable(out: Path, key: str, twin_dir: Path | None, owner: str) -> dict | 
         return None
     if manifest.get("bundle_key") != key:
         return None
-    entries = [e for s in manifest["splits"].values() for b in s["batches"] for e in b["rows"] + b["cols"]]
+    entries = [e for s in manifest["splits"].values() for b in s["batches"]
+               for e in b["rows"] + b["cols"] + b.get("column", [])]
     entries += [s["ids"] for s in manifest["splits"].values()] + list((manifest.get("labels") or {}).values())
     if not all((out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in entries):
         return None
@@ -152,11 +154,17 @@ def _write(out: Path, generation: str, name: str, data: bytes) -> dict:
 
 def _encrypt_batch(context, plan: PackingPlan, x: np.ndarray, out: Path, prefix: str, b: int,
                    with_cols: bool) -> dict:
-    """Encrypt one batch chunk by chunk, in the rows layout and (for training) the cols layout."""
-    entry = {"n": len(x), "rows": [], "cols": []}
+    """Encrypt one batch in the plan's forward layout and (for training) the cols layout."""
+    entry = {"n": len(x), "rows": [], "cols": [], "column": []}
+    if plan.forward == "column":
+        for c, sl in enumerate(plan.column_chunks(len(x))):
+            for j, vector in enumerate(plan.column_vectors(x[sl])):
+                entry["column"].append(_write(out, prefix, f"b{b:04d}-c{c:02d}-f{j:04d}.column.ct",
+                                              ckks.encrypt(context, vector)))
     for c, sl in enumerate(plan.chunks(len(x))):
-        entry["rows"].append(_write(out, prefix, f"b{b:04d}-c{c:02d}.rows.ct",
-                                    ckks.encrypt(context, plan.rows_vector(x[sl]))))
+        if plan.forward == "rows":
+            entry["rows"].append(_write(out, prefix, f"b{b:04d}-c{c:02d}.rows.ct",
+                                        ckks.encrypt(context, plan.rows_vector(x[sl]))))
         if with_cols:
             entry["cols"].append(_write(out, prefix, f"b{b:04d}-c{c:02d}.cols.ct",
                                         ckks.encrypt(context, plan.cols_vector(x[sl]))))

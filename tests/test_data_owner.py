@@ -161,7 +161,8 @@ def test_prepare_writes_manifest_with_key_id_layout_and_digests_matching_every_b
     # Assert
     assert on_disk == manifest
     assert manifest["key_id"] == holder.key_id and manifest["owner"] == "clinic_a"
-    assert manifest["layout"] == {"slots": plan.slots, "seg": plan.seg, "samples_per_ct": plan.samples_per_ct}
+    assert manifest["layout"] == {"slots": plan.slots, "seg": plan.seg, "samples_per_ct": plan.samples_per_ct,
+                                  "forward": plan.forward}
     assert manifest["data_sha256"] == store.sha256_file(clinic_bundle["csv"])
     assert manifest["reused"] is False
     for entry in manifest_entries(manifest):
@@ -500,8 +501,8 @@ def test_bundle_in_another_layout_raises_bundle_error_naming_both_layouts(clinic
     plan = PackingPlan(slots=4096, seg=64)
     # Execute / Assert
     with pytest.raises(BundleError, match=re.escape(
-            "owner 'clinic_a': layout {'samples_per_ct': 128, 'seg': 32, 'slots': 4096} differs from the plan "
-            "{'slots': 4096, 'seg': 64, 'samples_per_ct': 64}")):
+            "owner 'clinic_a': layout {'forward': 'rows', 'samples_per_ct': 128, 'seg': 32, 'slots': 4096} "
+            "differs from the plan {'slots': 4096, 'seg': 64, 'samples_per_ct': 64, 'forward': 'rows'}")):
         ExchangeStore(clinic_bundle["exchange"], clinic_bundle["cfg"], holder.key_id, plan)
 
 

@@ -1,0 +1,89 @@
+"""The packing planner: op counts per layout, the choice it makes, and the column layout it can pick."""
+
+import numpy as np
+import pytest
+
+from mpc_ops import ckks
+from mpc_ops.cipher_layers import CipherLinear
+from mpc_ops.packing import PackingPlan
+from mpc_ops.planner import DEFAULT_COSTS, LayerShape, forward_counts, gradient_counts, plan_layer, price
+from mpc_ops.reveal import blind, unblind
+from mpc_ops.tensors import EncryptedBatch, OwnerPart
+
+
+def test_rows_forward_needs_one_product_and_log2_seg_rotations_per_chunk_and_output():
+    # Prepare: 30 features -> seg 32 -> 128 samples per ciphertext; 200 samples -> 2 chunks
+    shape = LayerShape(owners=(30,), out_features=8, batch=200, slots=4096)
+    # Execute
+    counts = forward_counts("rows", shape, 200)
+    # Assert
+    assert counts["mul_plain"] == 8 * 2
+    assert counts["rotate"] == 8 * 2 * 5
+    assert counts["decrypt"] == 8 * 2
+
+
+def test_column_forward_needs_d_scalar_products_and_no_rotation():
+    # Prepare
+    shape = LayerShape(owners=(32, 32), out_features=8, batch=1000, slots=4096)
+    # Execute
+    counts = forward_counts("column", shape, 1000)
+    # Assert
+    assert counts["mul_scalar"] == 64 * 8
+    assert counts["rotate"] == 0
+    assert counts["decrypt"] == 8
+
+
+def test_cols_gradient_packs_every_chunk_before_one_rotate_and_sum_per_owner_and_output():
+    # Prepare: two owners of 32 features -> T = 128; 512 samples -> 4 chunks per owner
+    shape = LayerShape(owners=(32, 32), out_features=4, batch=512, slots=4096)
+    # Execute
+    counts = gradient_counts("cols", shape, 512)
+    # Assert
+    assert counts["mul_plain"] == 4 * 4 * 2
+    assert counts["rotate"] == 4 * 2 * 7
+    assert counts["decrypt"] == 4 * 2
+
+
+@pytest.mark.parametrize("batch, expected", [(64, "rows"), (2048, "column")])
+def test_planner_picks_rows_for_small_batches_and_column_for_large_ones(batch, expected):
+    # Prepare
+    shape = LayerShape(owners=(30,), out_features=4, batch=batch, slots=4096)
+    # Execute
+    plan = plan_layer(shape)
+    # Assert: the choice is the cheapest executable candidate, and it is priced from its counts
+    assert plan.chosen.forward == expected and plan.chosen.gradient == "cols"
+    executable = [c for c in plan.candidates if c.executable]
+    assert plan.chosen.seconds == min(c.seconds for c in executable)
+    assert plan.chosen.seconds == pytest.approx(price(plan.chosen.counts, DEFAULT_COSTS))
+    assert {c.gradient for c in plan.candidates} == {"cols", "column_sum", "replicated"}
+
+
+def test_planner_honours_a_forced_layout_and_rejects_an_unknown_one():
+    # Prepare
+    shape = LayerShape(owners=(30,), out_features=4, batch=64, slots=4096)
+    # Execute / Assert
+    assert plan_layer(shape, forward="column").chosen.forward == "column"
+    with pytest.raises(ValueError, match="packing.forward must be 'auto', 'rows' or 'column'"):
+        plan_layer(shape, forward="diagonal")
+
+
+def test_column_forward_matches_x_times_w_within_the_flooding_tolerance(ckks_keys):
+    # Prepare: two vertical owners, 300 samples, column layout (one ciphertext per feature)
+    holder, public = ckks_keys
+    plan = PackingPlan.for_features([32, 32], holder.params.slots, forward="column")
+    rng = np.random.default_rng(5)
+    x = np.clip(rng.normal(size=(300, 64)), -4, 4)
+    w = rng.normal(scale=0.2, size=(64, 8))
+    parts = []
+    for name, idx in (("a", np.arange(32)), ("b", np.arange(32, 64))):
+        column = [ckks.encrypt(public, v) for sl in plan.column_chunks(300) for v in plan.column_vectors(x[sl][:, idx])]
+        parts.append(OwnerPart(name, idx, [], [], column))
+    layer = CipherLinear("enc1", w, public, plan, holder.params.headroom, 64.0)
+    # Execute
+    enc = layer.forward(EncryptedBatch("b", 300, parts))
+    request, masks = blind(enc, public, key_id=holder.key_id, round_no=0, mask_bound=64.0)
+    response = holder.reveal(request)
+    z = unblind(enc, response, masks)
+    # Assert: 8σ of the flooding noise after the smallest gain (P(|z|>8σ) ≈ 1e-15), plus CKKS error
+    assert len(enc.blobs) == 8 and enc.stride == [1] * 8
+    np.testing.assert_allclose(z, x @ w, rtol=0, atol=8 * response.sigma / min(enc.gains) + 1e-6)

@@ -41,6 +41,13 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    _quiet_prefect(False)
+    from bench.runner import main as bench_main
+
+    return bench_main(args.quick, args.out, tiny=args.tiny)
+
+
 def cmd_train(args) -> int:
     from mpc_ops.config import load_config
     from mpc_ops.errors import HetrainError
@@ -95,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--verbose", action="store_true", help="also print Prefect's own logs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="measure hetrain against its baselines; writes JSON and a markdown report")
+    p.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes on 2 cores)")
+    p.add_argument("--tiny", action="store_true", help="smoke-test sizes (used by the test suite)")
+    p.add_argument("--out", help="JSON path (default bench/out/bench-<mode>.json); the .md and PNGs go beside it")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo-data", help="write the bundled demo tables (one CSV per data owner)")
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")

@@ -18,7 +18,7 @@ SIZES = {
     "full": dict(lr_epochs=3, digits_rounds=8, sizes=[4096, 16384, 65536], widths=[16, 64],
                  orch=("digits_vertical", 3)),
     "quick": dict(lr_epochs=1, digits_rounds=3, sizes=[4096, 16384], widths=[16, 64],
-                  orch=("breast_cancer", 3)),
+                  orch=("digits_vertical", 2)),
     "tiny": dict(lr_epochs=1, digits_rounds=1, sizes=[1024, 2048], widths=[16], orch=None),
 }
 

@@ -135,7 +135,7 @@ def scaling(work: Path, sizes: list[int], widths: list[int]) -> dict:
                 model={"layers": [{"kind": "linear", "name": "enc1", "out_features": 8}, {"kind": "tanh"},
                                   {"kind": "linear", "name": "out", "out_features": 1}],
                        "loss": "binary_cross_entropy"},
-                train={"rounds": 1, "batch_size": 4096, "optimizer": {"kind": "adam", "lr": 0.01}},
+                train={"rounds": 2, "batch_size": 4096, "optimizer": {"kind": "adam", "lr": 0.01}},
                 policy={"cipher_layers": ["enc1"], "reveals": {"enc1": {}}, "min_batch": 32,
                         "flooding": {"security_bits": 30, "budget": 65536}},
                 report={"plaintext_twin": False},

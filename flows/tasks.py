@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from mpc_ops.bundle import BatchRef
 from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
 from mpc_ops.errors import HetrainError
+from mpc_ops.jobs import JobRunner
 from mpc_ops.reveal import RevealRequest, RevealResponse, blind, unblind
 from mpc_ops.tensors import PlainBatch
 from participants import data_owner
@@ -96,7 +97,7 @@ def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learne
     name = model.input.name
     hybrid = Learner(model, make_optimizer(rt.cfg),
                      CipherLinear(name, model.input.W, rt.context, rt.plan, rt.cfg.ckks.params().headroom,
-                                  rt.cfg.policy.mask_bound),
+                                  rt.cfg.policy.mask_bound, JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers)),
                      cipher_reveal(rt, round_no, traffic))
     twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),
                    lambda x: x) if rt.cfg.report.plaintext_twin else None

@@ -54,6 +54,7 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
     patience: int | None = Field(None, ge=1)
+    workers: int = Field(2, ge=1, le=64)  # processes for ciphertext work (capped at the CPU count)
 
 
 class RevealPoint(_Strict):

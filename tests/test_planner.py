@@ -87,3 +87,20 @@ def test_column_forward_matches_x_times_w_within_the_flooding_tolerance(ckks_key
     # Assert: 8σ of the flooding noise after the smallest gain (P(|z|>8σ) ≈ 1e-15), plus CKKS error
     assert len(enc.blobs) == 8 and enc.stride == [1] * 8
     np.testing.assert_allclose(z, x @ w, rtol=0, atol=8 * response.sigma / min(enc.gains) + 1e-6)
+
+
+def test_jobs_split_across_two_worker_processes_give_byte_identical_ciphertexts(ckks_keys):
+    # Prepare: a rows-layout forward's jobs (8 outputs × 1 chunk) on a real encrypted batch
+    from mpc_ops.jobs import JobRunner
+
+    holder, public = ckks_keys
+    plan = PackingPlan.for_features([30], holder.params.slots)
+    rng = np.random.default_rng(2)
+    blob = ckks.encrypt(public, plan.rows_vector(np.clip(rng.normal(size=(100, 30)), -4, 4)))
+    jobs = [([(0, plan.weight_vector(rng.normal(size=30)))], plan.seg) for _ in range(8)]
+    # Execute
+    serial = JobRunner(public, plan.slots, workers=1).run([blob], jobs)
+    parallel = JobRunner(public, plan.slots, workers=2).run([blob], jobs)
+    # Assert: same CKKS operations, same bytes, same order; the input blob is untouched
+    assert parallel == serial
+    assert len(serial) == 8

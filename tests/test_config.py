@@ -77,7 +77,7 @@ def test_parse_config_leaves_the_raw_mapping_unchanged(horizontal):
 
 @pytest.mark.parametrize("where, key, allowed", [
     ((), "colour", "ckks, data, model, name, packing, policy, report, seed, train"),
-    (("train",), "epochs", "batch_size, optimizer, patience, rounds, target_accuracy"),
+    (("train",), "epochs", "batch_size, optimizer, patience, rounds, target_accuracy, workers"),
     (("data", "owners", 0), "colour", "features, label, name, path"),
     (("policy", "flooding"), "epsilon", "budget, security_bits"),
 ], ids=["top", "train", "owner", "flooding"])

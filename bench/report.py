@@ -96,6 +96,11 @@ def write(result: dict, out: Path) -> Path:
                   "| forward | gradient | executable | predicted s | chosen |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['forward']} | {r['gradient']} | {r['executable']} | {r['predicted_seconds_per_batch']} | "
                   f"{'✔' if r['chosen'] else ''} |" for r in rows]
+    lines += ["", "## CKKS parameter choice (depth 1, 128-bit bound, flooding σ before gains ≤ 0.5)", "",
+              "| N | coeff_mod_bit_sizes | scale | bits / limit | σ | usable |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['poly_modulus_degree']} | {r['coeff_mod_bit_sizes']} | 2^{r['scale_bits']} | "
+              f"{r['total_bits']} / {r['limit_bits']} | {r['sigma']:.3g} | {'yes' if r['ok'] else 'no'} |"
+              for r in result.get("ckks_choice", [])]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = out.with_suffix(".md")
     store.write_bytes(path, ("\n".join(lines) + "\n").encode())

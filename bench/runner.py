@@ -9,7 +9,7 @@ from pathlib import Path
 import tenseal
 
 from mpc_ops import store
-from mpc_ops.planner import DEFAULT_COSTS
+from mpc_ops.planner import DEFAULT_COSTS, choose_ckks_params
 
 from . import microbench, report, workloads
 
@@ -62,6 +62,7 @@ def run(mode: str, out: Path, work: Path | None = None, log=print) -> dict:
         "op_costs_seconds": costs,
         "workloads": {"lr": lr, "digits": digits, "scaling": scaling, "orchestration": orch},
         "plans": plans,
+        "ckks_choice": choose_ckks_params(30, 65536, max_sigma=0.5),
     }
     out = Path(out)
     store.write_json(out, result)

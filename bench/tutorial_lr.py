@@ -114,7 +114,8 @@ class EncryptedLR:
     def plain_accuracy(self, x_test: np.ndarray, y_test: np.ndarray) -> float:
         w = np.asarray(self.weight, dtype=float)
         b = np.asarray(self.bias, dtype=float)
-        out = 1.0 / (1.0 + np.exp(-(np.asarray(x_test, dtype=float) @ w + b)))
+        z = np.asarray(x_test, dtype=float) @ w + b
+        out = np.exp(-np.logaddexp(0.0, -z))  # the sigmoid, without overflow for large |z|
         correct = np.abs(np.asarray(y_test, dtype=float).reshape(-1) - out) < 0.5
         return float(correct.mean())
 

@@ -48,30 +48,36 @@ def orchestration(config: Path, run_dir: Path) -> dict:
     from bench import pipeline
     from flows.runtime import Runtime
     from flows.train_flow import child_flow_settings, training_round
+    from mpc_ops.jobs import JobRunner
 
     rounds = Runtime(config, run_dir / "engine").cfg.train.rounds
     pipeline.prepare(config, run_dir / "engine")
+    rt = Runtime(config, run_dir / "engine")
+    JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers).warm_up()  # both sides share warm workers
     shutil.rmtree(run_dir / "plain", ignore_errors=True)
     shutil.copytree(run_dir / "engine", run_dir / "plain")
 
     @flow(name="bench-orchestration")
-    def with_engine() -> list[float]:
-        times = []
+    def with_engine() -> tuple[list[float], list[float]]:
+        times, inner = [], []
         for r in range(1, rounds + 1):
             start = time.perf_counter()
             with child_flow_settings():
-                training_round(str(config), str(run_dir / "engine"), r)
+                row = training_round(str(config), str(run_dir / "engine"), r)
             times.append(time.perf_counter() - start)
-        return times
+            inner.append(row["seconds"])
+        return times, inner
 
-    engine = with_engine()
-    plain = []
+    engine, inner = with_engine()
+    plain, plain_inner = [], []
     for r in range(1, rounds + 1):
         start = time.perf_counter()
-        pipeline.rounds(config, run_dir / "plain", r, r)
+        row = pipeline.rounds(config, run_dir / "plain", r, r)[0]
         plain.append(time.perf_counter() - start)
+        plain_inner.append(row["seconds"])
     return {"rounds": rounds, "engine_round_seconds": [round(t, 3) for t in engine],
             "plain_round_seconds": [round(t, 3) for t in plain],
+            "engine_inner_seconds": inner, "plain_inner_seconds": plain_inner,
             "engine_seconds": round(sum(engine), 3), "plain_seconds": round(sum(plain), 3)}
 
 

@@ -41,6 +41,19 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from mpc_ops.errors import HetrainError
+    from participants.audit import verify
+
+    try:
+        report = verify(Path(args.run_dir) / "key_holder")
+    except HetrainError as exc:
+        return _fail(f"{type(exc).__name__}: {exc}", code=1)
+    print(f"audit log verified: {report.entries} entries ({report.allowed} allowed, {report.refused} refused), "
+          f"head {report.head[:16]}…")
+    return 0
+
+
 def cmd_bench(args) -> int:
     _quiet_prefect(False)
     from bench.runner import main as bench_main
@@ -108,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (used by the test suite)")
     p.add_argument("--out", help="JSON path (default bench/out/bench-<mode>.json); the .md and PNGs go beside it")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("audit", help="check the key holder's hash-chained audit log")
+    p.add_argument("action", choices=["verify"], help="verify: walk the hash chain")
+    p.add_argument("run_dir", help="the run directory whose key_holder/audit.jsonl to check")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo-data", help="write the bundled demo tables (one CSV per data owner)")
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")

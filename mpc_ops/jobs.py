@@ -44,6 +44,13 @@ def _init_worker(public_context: bytes) -> None:
     _worker_context = ckks.load_public_context(public_context)
 
 
+def _ready(pause: float) -> bool:
+    import time
+
+    time.sleep(pause)  # long enough that every worker, not just the first, takes one
+    return _worker_context is not None
+
+
 def _run_in_worker(slots: int, blobs: list[bytes], jobs: list[Job]) -> list[bytes]:
     return run_jobs(_worker_context, slots, blobs, jobs)
 
@@ -66,6 +73,13 @@ class JobRunner:
                                        initializer=_init_worker, initargs=(public,))
             self._pools[self._key] = pool
         return pool
+
+    def warm_up(self) -> None:
+        """Start every worker process now (spawn + loading the public context take seconds)."""
+        if self.workers > 1:
+            pool = self._pool()
+            for future in [pool.submit(_ready, 0.2) for _ in range(self.workers)]:
+                future.result()
 
     def run(self, blobs: list[bytes], jobs: list[Job]) -> list[bytes]:
         if self.workers == 1 or len(jobs) < 2:

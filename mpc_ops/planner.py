@@ -163,3 +163,27 @@ def plan_layer(shape: LayerShape, costs: dict | None = None, forward: str = "aut
     if not allowed:
         raise ValueError(f"packing.forward must be 'auto', 'rows' or 'column', got {forward!r}")
     return Plan(min(allowed, key=lambda c: c.seconds), candidates, costs)
+
+
+def choose_ckks_params(security_bits: int, budget: int, max_sigma: float, headroom_bits: int = 10) -> list[dict]:
+    """Depth-1 CKKS parameter candidates, smallest ring first; the first with `ok` is the choice.
+
+    A depth-1 chain is [q0, scale, special] with q0 = scale + headroom_bits (room for masked
+    values) and a special prime >= q0; every prime is at most 60 bits. For each ring the
+    largest scale the 128-bit bound admits gives the smallest error bound B, hence the smallest
+    flooding σ = 2^(s/2)·sqrt(12τ)·B; the candidate is `ok` when σ <= max_sigma (the flooding
+    noise, before gains, that training tolerates).
+    """
+    from .flooding import error_bound, flood_sigma
+    from .params import MAX_MODULUS_BITS, CkksParams
+
+    rows = []
+    for n in (4096, 8192, 16384):
+        scale = min(60 - headroom_bits, (MAX_MODULUS_BITS[n] - 2 * headroom_bits) // 3)
+        bits = (scale + headroom_bits, scale, scale + headroom_bits)
+        params = CkksParams(n, bits, scale).validate()
+        sigma = flood_sigma(security_bits, budget, error_bound(scale, n, 128))
+        rows.append({"poly_modulus_degree": n, "coeff_mod_bit_sizes": list(bits), "scale_bits": scale,
+                     "total_bits": sum(bits), "limit_bits": MAX_MODULUS_BITS[n], "slots": params.slots,
+                     "sigma": sigma, "ok": sigma <= max_sigma})
+    return rows

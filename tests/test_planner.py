@@ -104,3 +104,18 @@ def test_jobs_split_across_two_worker_processes_give_byte_identical_ciphertexts(
     # Assert: same CKKS operations, same bytes, same order; the input blob is untouched
     assert parallel == serial
     assert len(serial) == 8
+
+
+def test_parameter_chooser_picks_the_smallest_ring_whose_flooding_noise_trains():
+    # Prepare
+    from mpc_ops.planner import choose_ckks_params
+
+    # Execute
+    rows = choose_ckks_params(security_bits=30, budget=65536, max_sigma=0.5)
+    # Assert: N=4096 cannot reach the precision (scale 2^29 under its 109-bit bound); N=8192 can,
+    # with the shipped default [60, 50, 60] at scale 2^50; every candidate respects the bound
+    first_ok = next(r for r in rows if r["ok"])
+    assert (first_ok["poly_modulus_degree"], first_ok["coeff_mod_bit_sizes"], first_ok["scale_bits"]) == \
+        (8192, [60, 50, 60], 50)
+    assert rows[0]["poly_modulus_degree"] == 4096 and not rows[0]["ok"]
+    assert all(r["total_bits"] <= r["limit_bits"] for r in rows)

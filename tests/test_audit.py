@@ -1,0 +1,80 @@
+"""`hetrain audit verify`: the hash chain catches an edited, deleted or truncated audit entry."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from mpc_ops import ckks
+from mpc_ops.config import PolicyConfig
+from mpc_ops.errors import PolicyRefusal
+from mpc_ops.params import CkksParams
+from mpc_ops.policy import LayerShape
+from mpc_ops.reveal import RevealRequest
+from participants.audit import AuditError, verify
+from participants.key_holder import KeyHolder
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A key holder with three audit entries: allow, refuse (min_batch), allow."""
+    policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
+    holder = KeyHolder.open_or_create(tmp_path / "key_holder", CkksParams(), policy, {"enc1": LayerShape(64, 8)})
+    public = ckks.load_public_context(holder.public_context())
+    blob = ckks.encrypt(public, np.zeros(4096))
+    ok = RevealRequest("a", holder.key_id, "activation", "enc1", 1, [blob], [32], [4], 64)
+    holder.reveal(ok)
+    with pytest.raises(PolicyRefusal):
+        holder.reveal(RevealRequest("b", holder.key_id, "gradient", "enc1", 1, [blob], [128], [4], 8))
+    holder.reveal(ok)
+    return tmp_path
+
+
+def _rewrite(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_intact_log_verifies_with_its_counts(run_dir, capsys):
+    # Execute
+    report = verify(run_dir / "key_holder")
+    code = main(["audit", "verify", str(run_dir)])
+    # Assert
+    assert (report.entries, report.allowed, report.refused) == (3, 2, 1)
+    assert code == 0 and "3 entries (2 allowed, 1 refused)" in capsys.readouterr().out
+
+
+def test_edited_entry_is_detected_at_the_next_line(run_dir):
+    # Prepare: turn the refusal into an allow
+    log = run_dir / "key_holder" / "audit.jsonl"
+    lines = log.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["decision"] = "allow"
+    lines[1] = json.dumps(entry, sort_keys=True)
+    _rewrite(log, lines)
+    # Execute / Assert
+    with pytest.raises(AuditError, match=r"line 3 \(seq 3\) does not chain"):
+        verify(run_dir / "key_holder")
+
+
+def test_deleted_middle_entry_is_detected(run_dir):
+    # Prepare
+    log = run_dir / "key_holder" / "audit.jsonl"
+    lines = log.read_text().splitlines()
+    _rewrite(log, [lines[0], lines[2]])
+    # Execute / Assert
+    with pytest.raises(AuditError, match="line 2 .* does not chain"):
+        verify(run_dir / "key_holder")
+
+
+def test_truncated_tail_is_detected_against_the_recorded_head(run_dir, capsys):
+    # Prepare
+    log = run_dir / "key_holder" / "audit.jsonl"
+    _rewrite(log, log.read_text().splitlines()[:2])
+    # Execute
+    code = main(["audit", "verify", str(run_dir)])
+    # Assert
+    assert code == 1
+    assert "AuditError" in capsys.readouterr().err
+    with pytest.raises(AuditError, match="recorded 3 entries"):
+        verify(run_dir / "key_holder")

@@ -27,8 +27,13 @@ def _plots(result: dict, out: Path) -> list[Path]:
         pts = [p for p in points if p["d"] == d]
         ax1.loglog([p["n"] for p in pts], [p["train_seconds"] for p in pts], marker="o", label=f"d={d}")
         ax2.plot([p["n"] for p in pts], [p["peak_rss_mb"] for p in pts], marker="o", label=f"d={d}")
+    sizes = sorted({p["n"] for p in points})
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n // 1024}k" for n in sizes])
+        ax.minorticks_off()
     ax1.set_xlabel("samples n"), ax1.set_ylabel("seconds per epoch"), ax1.legend()
-    ax2.set_xscale("log"), ax2.set_xlabel("samples n"), ax2.set_ylabel("peak RSS (MB)"), ax2.legend()
+    ax2.set_xlabel("samples n"), ax2.set_ylabel("peak RSS (MB)"), ax2.legend()
     ax2.set_ylim(bottom=0)
     fig.tight_layout()
     paths.append(out.with_name(out.stem + "-scaling.png"))

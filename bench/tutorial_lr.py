@@ -163,9 +163,13 @@ def run_tutorial_lr(x_train, y_train, x_test, y_test, *, epochs: int, seed: int 
     encrypt_seconds = perf_counter() - t0
 
     eelr = EncryptedLR(*init_params(x_train.shape[1], seed))
-    epoch_seconds = [train_epoch(eelr, ctx, enc_x_train, enc_y_train) for _ in range(epochs)]
+    epoch_seconds, accuracy_per_epoch = [], []
+    for _ in range(epochs):
+        epoch_seconds.append(train_epoch(eelr, ctx, enc_x_train, enc_y_train))
+        accuracy_per_epoch.append(eelr.plain_accuracy(x_test, y_test))
 
     return {
+        "accuracy_per_epoch": accuracy_per_epoch,
         "encrypt_seconds": encrypt_seconds,
         "seconds_per_epoch": float(np.mean(epoch_seconds)),
         "epoch_seconds": epoch_seconds,

@@ -57,6 +57,8 @@ def lr_vs_tutorial(work: Path, costs: dict, epochs: int, tiny: bool = False) -> 
         "tutorial_layout_seconds_per_epoch": round(baseline["seconds_per_epoch"], 3),
         "tutorial_layout_encrypt_seconds": round(baseline["encrypt_seconds"], 3),
         "tutorial_layout_test_accuracy": round(baseline["test_accuracy"], 6),
+        "tutorial_layout_accuracy_per_epoch": [round(a, 4) for a in baseline["accuracy_per_epoch"]],
+        "lr_accuracy_per_epoch": [r["test_accuracy"] for r in rows],
         "speedup_vs_tutorial_layout": round(baseline["seconds_per_epoch"] / hetrain_epoch, 1),
         "floor_seconds_per_epoch": round(floor, 4), "floor_ratio": round(hetrain_epoch / floor, 3),
         "floor_op_counts_per_epoch": counts,

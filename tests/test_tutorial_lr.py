@@ -51,12 +51,14 @@ def test_one_epoch_returns_every_key_with_positive_timings(small_split):
 
     # Assert
     assert set(result) == {
-        "encrypt_seconds", "seconds_per_epoch", "epoch_seconds", "test_accuracy", "epochs", "n_train", "layout",
+        "encrypt_seconds", "seconds_per_epoch", "epoch_seconds", "test_accuracy", "accuracy_per_epoch",
+        "epochs", "n_train", "layout",
     }
     assert result["encrypt_seconds"] > 0 and result["seconds_per_epoch"] > 0
     assert len(result["epoch_seconds"]) == 1 and result["seconds_per_epoch"] == result["epoch_seconds"][0]
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert (result["epochs"], result["n_train"], result["layout"]) == (1, 24, LAYOUT)
+    assert result["accuracy_per_epoch"] == [result["test_accuracy"]]
 
 
 def test_default_context_has_the_tutorial_parameters():

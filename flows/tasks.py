@@ -51,7 +51,8 @@ def set_up_key_holder(rt: Runtime) -> str:
     return rt.publish_public_context()
 
 
-@task(name="encrypt-owner-table", cache_policy=NO_CACHE)
+@task(name="encrypt-owner-table", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient_only)
 def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
     """Validate, standardise and encrypt one owner's table into the exchange store."""
     owner_cfg = next(o for o in rt.cfg.data.owners if o.name == owner)

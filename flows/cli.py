@@ -45,12 +45,33 @@ def cmd_audit(args) -> int:
     from mpc_ops.errors import HetrainError
     from participants.audit import verify
 
+    key_dir = Path(args.run_dir) / "key_holder"
+    logs = [key_dir] if (key_dir / "state.json").exists() else []
+    logs += sorted(p for p in (key_dir / "retired").glob("*") if p.is_dir())
+    if not logs:
+        return _fail(f"{key_dir} holds no key holder state (state.json); is {args.run_dir} a run directory?", 1)
+    for directory in logs:
+        try:
+            report = verify(directory)
+        except HetrainError as exc:
+            return _fail(f"{type(exc).__name__}: {exc}", code=1)
+        which = "current key" if directory == key_dir else f"retired key {directory.name}"
+        print(f"{which}: audit log verified, {report.entries} entries ({report.allowed} allowed, "
+              f"{report.refused} refused), head {report.head[:16]}…")
+    return 0
+
+
+def cmd_rotate_key(args) -> int:
+    from mpc_ops.errors import HetrainError
+    from participants.key_holder import KeyHolder
+
     try:
-        report = verify(Path(args.run_dir) / "key_holder")
+        retired = KeyHolder.rotate(Path(args.run_dir) / "key_holder")
     except HetrainError as exc:
         return _fail(f"{type(exc).__name__}: {exc}", code=1)
-    print(f"audit log verified: {report.entries} entries ({report.allowed} allowed, {report.refused} refused), "
-          f"head {report.head[:16]}…")
+    print(f"retired key {retired}: its secret key is deleted, its audit log kept under key_holder/retired/.")
+    print(f"the next `hetrain train CONFIG --run-dir {args.run_dir} --resume` makes a new key, and every owner "
+          f"re-encrypts under it")
     return 0
 
 
@@ -126,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["verify"], help="verify: walk the hash chain")
     p.add_argument("run_dir", help="the run directory whose key_holder/audit.jsonl to check")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("rotate-key", help="retire the run's key; the next --resume makes a new one")
+    p.add_argument("run_dir", help="the run directory whose key_holder/ key to retire")
+    p.set_defaults(func=cmd_rotate_key)
 
     p = sub.add_parser("demo-data", help="write the bundled demo tables (one CSV per data owner)")
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")

@@ -78,6 +78,26 @@ class KeyHolder:
         holder._write_state()
         return holder
 
+    @staticmethod
+    def rotate(directory: Path) -> str:
+        """Retire the key in `directory`: its audit log and state move to retired/<key id>/, its
+        secret key is deleted. The next open_or_create makes a fresh key with a fresh budget."""
+        directory = Path(directory)
+        secret = directory / SECRET_FILE
+        if not secret.exists():
+            raise BundleError(f"{directory}: there is no key to rotate (no {SECRET_FILE})")
+        state = json.loads((directory / STATE_FILE).read_text()) if (directory / STATE_FILE).exists() else {}
+        key_id = state.get("key_id") or ckks.key_id(ts.context_from(secret.read_bytes()))
+        retired = directory / "retired" / key_id
+        retired.mkdir(parents=True, exist_ok=True)
+        for name in (AUDIT_FILE, STATE_FILE):
+            if (directory / name).exists():
+                (directory / name).replace(retired / name)
+        store.fsync_dir(retired)
+        secret.unlink()  # a retired key must never decrypt again
+        store.fsync_dir(directory)
+        return key_id
+
     def public_context(self) -> bytes:
         """The context without its secret key: relin and Galois keys only."""
         return self._context.serialize(save_secret_key=False)
@@ -100,7 +120,8 @@ class KeyHolder:
             if self.decryptions_used + len(request.blobs) > self.budget:
                 raise BudgetExhausted(
                     f"{self.decryptions_used} of the budget of {self.budget} decryptions are used and "
-                    f"this request needs {len(request.blobs)}; rotate the key (new run) to continue"
+                    f"this request needs {len(request.blobs)}; rotate the key with `hetrain rotate-key RUN_DIR`, "
+                    f"then resume (the owners re-encrypt under the new key)"
                 )
             sigma = flooding.flood_sigma(
                 self.policy.flooding.security_bits, self.budget,

@@ -41,7 +41,7 @@ def test_intact_log_verifies_with_its_counts(run_dir, capsys):
     code = main(["audit", "verify", str(run_dir)])
     # Assert
     assert (report.entries, report.allowed, report.refused) == (3, 2, 1)
-    assert code == 0 and "3 entries (2 allowed, 1 refused)" in capsys.readouterr().out
+    assert code == 0 and "current key: audit log verified, 3 entries (2 allowed, 1 refused)" in capsys.readouterr().out
 
 
 def test_edited_entry_is_detected_at_the_next_line(run_dir):

@@ -88,3 +88,40 @@ def test_bad_command_lines_exit_with_usage(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "usage: hetrain" in capsys.readouterr().err
+
+
+def test_rotated_key_is_replaced_on_resume_and_owners_re_encrypt(bc_run, tmp_path, demo_data, capsys):
+    # Prepare: a finished 4-round run, copied, its key retired
+    import json
+
+    from flows.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir, _ = bc_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    old_key = json.loads((copy / "key_holder" / "state.json").read_text())["key_id"]
+    config = write_config(tmp_path, demo_data, rounds=5)
+    # Execute
+    rotated = main(["rotate-key", str(copy)])
+    resumed = main(["train", str(config), "--run-dir", str(copy), "--resume"])
+    # Assert: a new key, a fresh budget, owners' bundles under it, the old log kept and verifiable
+    assert (rotated, resumed) == (0, 0)
+    state = json.loads((copy / "key_holder" / "state.json").read_text())
+    assert state["key_id"] != old_key
+    assert not (copy / "key_holder" / "retired" / old_key / "secret_context.bin").exists()
+    assert (copy / "key_holder" / "retired" / old_key / "audit.jsonl").exists()
+    manifest = json.loads((copy / "exchange" / "clinic_a" / "manifest.json").read_text())
+    assert manifest["key_id"] == state["key_id"]
+    ckpt = load_checkpoint(latest_checkpoint(copy / "checkpoints"))
+    assert ckpt.round == 5 and ckpt.lineage["key_id"] == state["key_id"]
+    assert main(["audit", "verify", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert f"retired key {old_key}: audit log verified" in out and "current key: audit log verified" in out
+
+
+def test_rotating_a_run_without_a_key_is_a_clear_error(tmp_path, capsys):
+    # Execute
+    code = main(["rotate-key", str(tmp_path)])
+    # Assert
+    assert code == 1
+    assert "there is no key to rotate" in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_request_beyond_the_decryption_budget_is_refused_and_asks_for_rotation(t
     # Execute
     with pytest.raises(BudgetExhausted, match=(
         r"policy rule 'decryption_budget' refused the reveal: 2 of the budget of 3 decryptions are used and "
-        r"this request needs 2; rotate the key \(new run\) to continue"
+        r"this request needs 2; rotate the key with `hetrain rotate-key RUN_DIR`, then resume"
     )) as exc_info:
         holder.reveal(make_request(holder, public, n_blobs=2))
 

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mpc_ops.bundle import BatchRef
 from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
-from mpc_ops.errors import HetrainError
+from mpc_ops.errors import CheckpointError, HetrainError
 from mpc_ops.jobs import JobRunner
 from mpc_ops.reveal import RevealRequest, RevealResponse, blind, unblind
 from mpc_ops.tensors import PlainBatch
@@ -128,11 +128,17 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
     if round_no == 1 and not previous.exists():
         return {}
     ckpt = checkpoint.load_checkpoint(previous)
-    hybrid.model.load({k[7:]: v for k, v in ckpt.params.items() if k.startswith("hybrid.")})
-    hybrid.optimizer.load_state_dict({k[7:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("hybrid.")})
-    if twin is not None and any(k.startswith("twin.") for k in ckpt.params):
-        twin.model.load({k[5:]: v for k, v in ckpt.params.items() if k.startswith("twin.")})
-        twin.optimizer.load_state_dict({k[5:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("twin.")})
+    try:
+        hybrid.model.load({k[7:]: v for k, v in ckpt.params.items() if k.startswith("hybrid.")})
+        hybrid.optimizer.load_state_dict({k[7:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("hybrid.")})
+        if twin is not None and any(k.startswith("twin.") for k in ckpt.params):
+            twin.model.load({k[5:]: v for k, v in ckpt.params.items() if k.startswith("twin.")})
+            twin.optimizer.load_state_dict({k[5:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("twin.")})
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {previous} does not fit the current config (model or optimizer changed?): {exc}; "
+            f"resume with the config it was made with, or start a new --run-dir"
+        ) from None
     return {"parent_checkpoint": str(previous), **ckpt.extra}
 
 

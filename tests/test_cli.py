@@ -125,3 +125,75 @@ def test_rotating_a_run_without_a_key_is_a_clear_error(tmp_path, capsys):
     # Assert
     assert code == 1
     assert "there is no key to rotate" in capsys.readouterr().err
+
+
+def test_resume_with_a_changed_model_is_refused_and_keeps_checkpoints(bc_run, tmp_path, demo_data, capsys):
+    # Prepare: the finished run, resumed with a wider ciphertext layer
+    from flows.checkpoint import latest_checkpoint
+
+    run_dir, _ = bc_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = write_config(tmp_path, demo_data, rounds=6)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["layers"][0]["out_features"] = 4
+    config.write_text(yaml.safe_dump(raw))
+    before = latest_checkpoint(copy / "checkpoints")
+    # Execute
+    code = main(["train", str(config), "--run-dir", str(copy), "--resume"])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "CheckpointError" in err and "does not fit the current config" in err
+    assert latest_checkpoint(copy / "checkpoints") == before
+
+
+@pytest.mark.slow
+def test_a_failed_run_prints_one_error_line_and_no_traceback_in_a_fresh_process(tmp_path, demo_data):
+    # Prepare: the user's view: a fresh `hetrain` process (Prefect configures its logging at
+    # import, so only a new process shows what the CLI's quiet settings do)
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    config = write_config(tmp_path, demo_data, rounds=1)
+    raw = yaml.safe_load(config.read_text())
+    bad = tmp_path / "clinic_a.csv"
+    frame = pd.read_csv(raw["data"]["owners"][0]["path"], dtype=str)
+    frame.loc[3, "mean_area"] = "n/a"
+    frame.to_csv(bad, index=False)
+    raw["data"]["owners"][0]["path"] = str(bad)
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    # Execute
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    # Assert
+    assert out.returncode == 1
+    assert "hetrain: error: SchemaError" in out.stderr and "mean_area" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not any((tmp_path / "run" / "checkpoints").glob("round-*"))
+
+
+@pytest.mark.slow
+def test_a_successful_run_prints_results_and_no_traceback_in_a_fresh_process(tmp_path, demo_data):
+    # Prepare: a fresh `hetrain` process on the temporary server, whose shutdown can log
+    # "database is locked" / "Error flushing events" tracebacks unless the CLI quiets them
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, demo_data, rounds=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    # Execute
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    # Assert
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "hetrain: run 'breast_cancer' finished" in out.stdout and "prefect server start" in out.stdout
+    assert (tmp_path / "run" / "metrics.json").exists()

@@ -2,7 +2,6 @@
 `prepare-owner` flow per data owner. Flows pass paths and small metadata, never ciphertexts."""
 
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event

@@ -87,7 +87,6 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     # Blobs go into a fresh generation folder; the manifest (written last, atomically) switches
     # readers over, so a failed re-encryption never leaves a manifest naming half-written blobs.
     generation = f"g-{key[:12]}-{os.urandom(3).hex()}"
-    gen_dir = out / generation
     manifest = {
         "format": FORMAT_VERSION, "owner": owner.name, "key_id": key_id, "bundle_key": key,
         "data_sha256": data_sha256, "features": owner.features,

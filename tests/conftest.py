@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="hetrain-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
@@ -48,3 +49,27 @@ def ckks_keys(tmp_path_factory):
                                       {"enc1": LayerShape(64, 8)})
     public = ckks.load_public_context(holder.public_context(), expected_key_id=holder.key_id)
     return holder, public
+
+
+def write_config(tmp_path: Path, demo: Path, name: str = "breast_cancer", **train) -> Path:
+    """A copy of a shipped config pointing at the session's demo tables, with train overrides."""
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    folder = "breast_cancer" if name == "breast_cancer" else "digits"
+    for owner in raw["data"]["owners"]:
+        owner["path"] = str(demo / folder / Path(owner["path"]).name)
+    raw["train"].update(train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bc_run(prefect_harness, demo_data, tmp_path_factory):
+    """One breast_cancer run of 4 rounds, shared by the assertions of several modules (never modified:
+    tests that change a run copy it first)."""
+    from flows.train_flow import train
+
+    tmp = tmp_path_factory.mktemp("bc")
+    config = write_config(tmp, demo_data, rounds=4)
+    result = train(str(config), str(tmp / "run"))
+    return tmp / "run", result

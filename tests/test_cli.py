@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from tests.test_flows import bc_run, write_config  # noqa: F401  (shared module fixture)
+from tests.conftest import write_config
 
 
 def test_unknown_config_key_is_named_with_the_allowed_keys(tmp_path, demo_data, capsys):

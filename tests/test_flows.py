@@ -1,38 +1,12 @@
 """End to end: the Prefect `train` flow on the demo data, resume after a crash, role boundaries."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tenseal as ts
-import yaml
 
-from tests.conftest import REPO
-
-
-def write_config(tmp_path: Path, demo: Path, name: str = "breast_cancer", **train) -> Path:
-    """A copy of a shipped config pointing at the session's demo tables, with train overrides."""
-    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-    folder = "breast_cancer" if name == "breast_cancer" else "digits"
-    for owner in raw["data"]["owners"]:
-        owner["path"] = str(demo / folder / Path(owner["path"]).name)
-    raw["train"].update(train)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-@pytest.fixture(scope="module")
-def bc_run(prefect_harness, demo_data, tmp_path_factory):
-    """One breast_cancer run of 4 rounds, shared by the assertions below."""
-    from flows.train_flow import train
-
-    tmp = tmp_path_factory.mktemp("bc")
-    config = write_config(tmp, demo_data, rounds=4)
-    result = train(str(config), str(tmp / "run"))
-    return tmp / "run", result
+from tests.conftest import write_config
 
 
 def test_train_flow_writes_metrics_with_documented_keys(bc_run):
@@ -142,7 +116,7 @@ def test_run_resumed_after_a_crash_completes_like_an_uninterrupted_one(prefect_h
         return real_step(self, x, y)
 
     monkeypatch.setattr(engine.Learner, "train_batch", crashing_step)
-    with pytest.raises(BaseException):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         train(str(config), str(tmp_path / "run"))
     monkeypatch.setattr(engine.Learner, "train_batch", real_step)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "round-00002"

@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-RUN_DIR ?= runs/breast_cancer
+# A new run directory each time, so earlier results stay.
+RUN_DIR ?= runs/breast_cancer-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test test-fast bench clean
 

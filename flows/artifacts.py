@@ -58,7 +58,7 @@ def publish_round(name: str, rounds: list[dict], progress_id, total_rounds: int)
 
 
 def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, owners: list[dict],
-                     audit: dict, plot: Path | None, run_dir: Path) -> str:
+                     audit: dict, plot: Path | None, run_dir: Path, shape: tuple[int, int] | None = None) -> str:
     """The run summary: results, policy decisions, what was revealed to whom, bytes moved."""
     lines = [f"# hetrain run `{name}`", "", "## Result", "",
              "| metric | value |", "| --- | --- |"]
@@ -89,6 +89,19 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
         lines += ["", "## Training curves", "", f"![loss and accuracy](data:image/png;base64,{encoded})",
                   "", f"(also at `{plot}`)"]
     return "\n".join(lines) + "\n"
+
+
+def _rank_note(rounds: list[dict], shape: tuple[int, int] | None) -> list[str]:
+    """How many noisy linear combinations of each training sample the trainer has seen, against d."""
+    if shape is None:
+        return []
+    d, h = shape
+    seen = len(rounds) * h
+    verdict = ("fewer than d: not enough to solve for the features" if seen < d else
+               "at least d: enough to estimate each sample's features, up to the flooding noise")
+    return ["", f"Each training sample's activations were revealed once per round under new weights: "
+                f"{len(rounds)} rounds × {h} outputs = {seen} noisy linear combinations of its {d} features "
+                f"({verdict}). A per-batch rank limit is not enforced yet; see docs/SECURITY.md."]
 
 
 def publish_summary(name: str, markdown: str, path: Path) -> None:

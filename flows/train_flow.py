@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
+from mpc_ops.policy import cipher_layer_shapes
 
 from . import artifacts, checkpoint, progress
 from .engine import batch_order, summarise
@@ -157,7 +158,9 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     artifacts.write_metrics(rt.paths.metrics, rounds, final)
     plot = artifacts.plot_png(rounds, rt.paths.root / "plots" / "training.png")
     policy = rt.cfg.policy.model_dump()
-    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.root)
+    shape = next(iter(cipher_layer_shapes(rt.cfg).values()))
+    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.root,
+                                          (shape.in_features, shape.out_features))
     artifacts.publish_summary(rt.cfg.name, markdown, rt.paths.root / "summary.md")
     progress.notify("run-done", final=final)
     return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root)}

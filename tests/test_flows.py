@@ -23,7 +23,9 @@ def test_train_flow_writes_metrics_with_documented_keys(bc_run):
     assert {"test_accuracy", "plaintext_twin_test_accuracy", "decryptions", "policy_refusals"} <= set(metrics["final"])
     assert metrics["final"]["policy_refusals"] == 0
     assert metrics["final"]["decryptions"] > 0
-    assert (run_dir / "summary.md").read_text().startswith("# hetrain run")
+    summary = (run_dir / "summary.md").read_text()
+    assert summary.startswith("# hetrain run")
+    assert "4 rounds × 8 outputs = 32 noisy linear combinations of its 30 features (at least d" in summary
     assert (run_dir / "plots" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 

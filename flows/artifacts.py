@@ -71,6 +71,7 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
               "| trainer | labels, in plaintext | policy.labels: reveal |",
               "| key holder | masked values only (uniform mask of bound "
               f"{policy['mask_bound']}), never true activations | blinding |",
+              *_rank_note(rounds, shape),
               "", "## Key holder decisions", "",
               f"- reveals allowed: {audit.get('allow', 0)}",
               f"- reveals refused: {audit.get('refuse', 0)} {audit.get('rules') or ''}",

@@ -8,7 +8,6 @@ Layout of RUN_DIR:
   metrics.json, summary.md, plots/
 """
 
-import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -53,10 +52,6 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
-
-
-def config_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def layer_shape(cfg: RunConfig) -> LayerShape:
@@ -142,7 +137,7 @@ class Runtime:
     def lineage(self) -> dict:
         return {
             "config_path": str(self.config_path),
-            "config_sha256": config_digest(self.config_path),
+            "config_sha256": store.sha256_file(self.config_path),
             "key_id": self.key_id,
             "manifests": {name: m["bundle_key"] for name, m in self.store.manifests.items()},
         }

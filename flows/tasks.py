@@ -59,8 +59,7 @@ def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
     twin_dir = rt.paths.owners / owner if rt.cfg.report.plaintext_twin else None
     manifest = data_owner.prepare(rt.cfg, owner_cfg, rt.paths.public_context.read_bytes(), rt.plan,
                                   rt.paths.exchange, twin_dir)
-    blobs = [e for s in manifest["splits"].values() for b in s["batches"]
-             for e in b["rows"] + b["cols"] + b.get("column", [])]
+    blobs = data_owner.ciphertext_entries(manifest)
     return {"owner": owner, "reused": manifest["reused"], "bytes": sum(e["bytes"] for e in blobs),
             "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
             "n_test": manifest["splits"]["test"]["n"]}
@@ -120,6 +119,15 @@ def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learne
     return hybrid, twin
 
 
+def _prefixed(prefix: str, state: dict) -> dict:
+    """Checkpoint keys of one learner: 'hybrid.enc1.W', 'twin.out.b', …"""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, state: dict) -> dict:
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
 @task(name="restore-state", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=transient_only)
 def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: int) -> dict:
@@ -129,11 +137,12 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
         return {}
     ckpt = checkpoint.load_checkpoint(previous)
     try:
-        hybrid.model.load({k[7:]: v for k, v in ckpt.params.items() if k.startswith("hybrid.")})
-        hybrid.optimizer.load_state_dict({k[7:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("hybrid.")})
-        if twin is not None and any(k.startswith("twin.") for k in ckpt.params):
-            twin.model.load({k[5:]: v for k, v in ckpt.params.items() if k.startswith("twin.")})
-            twin.optimizer.load_state_dict({k[5:]: v for k, v in ckpt.optimizer_state.items() if k.startswith("twin.")})
+        for prefix, learner in (("hybrid", hybrid), ("twin", twin)):
+            params = _unprefixed(prefix, ckpt.params)
+            if learner is None or (prefix == "twin" and not params):  # a twin may start mid-run
+                continue
+            learner.model.load(params)
+            learner.optimizer.load_state_dict(_unprefixed(prefix, ckpt.optimizer_state))
     except (ValueError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {previous} does not fit the current config (model or optimizer changed?): {exc}; "
@@ -174,17 +183,13 @@ def _twin_batch(rt: Runtime, ref) -> PlainBatch:
 def write_checkpoint(rt: Runtime, round_no: int, hybrid: Learner, twin: Learner | None,
                      lineage: dict, extra: dict) -> str:
     """Atomically write this round's weights, optimizer state, RNG state and lineage."""
-    params = {f"hybrid.{k}": v for k, v in hybrid.model.parameters().items()}
-    opt = {f"hybrid.{k}": v for k, v in hybrid.optimizer.state_dict().items()}
-    if twin is not None:
-        params.update({f"twin.{k}": v for k, v in twin.model.parameters().items()})
-        opt.update({f"twin.{k}": v for k, v in twin.optimizer.state_dict().items()})
+    params, opt = {}, {}
+    for prefix, learner in (("hybrid", hybrid), ("twin", twin)):
+        if learner is not None:
+            params.update(_prefixed(prefix, learner.model.parameters()))
+            opt.update(_prefixed(prefix, learner.optimizer.state_dict()))
     rng_state = np.random.default_rng([rt.cfg.seed, round_no + 1]).bit_generator.state
     path = checkpoint.save_checkpoint(rt.paths.checkpoints, round_no, params=params, optimizer_state=opt,
                                       rng_state=rng_state, lineage=lineage, extra=extra)
     return str(path)
-
-
-def elapsed(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
 

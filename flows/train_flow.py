@@ -125,8 +125,8 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
 
     rounds, first = [], 1
     if latest is not None:
-        rounds = checkpoint.load_checkpoint(latest).extra.get("history", [])
-        first = checkpoint.load_checkpoint(latest).round + 1
+        resumed = checkpoint.load_checkpoint(latest)
+        rounds, first = resumed.extra.get("history", []), resumed.round + 1
         logger.info("resuming after %s", latest.name)
     progress.notify("run-started", total=rt.cfg.train.rounds, first=first, done_rounds=rounds)
     progress_id, reason = None, None

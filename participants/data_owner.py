@@ -127,8 +127,7 @@ def _reusable(out: Path, key: str, twin_dir: Path | None, owner: str) -> dict | 
         return None
     if manifest.get("bundle_key") != key:
         return None
-    entries = [e for s in manifest["splits"].values() for b in s["batches"]
-               for e in b["rows"] + b["cols"] + b.get("column", [])]
+    entries = ciphertext_entries(manifest)
     entries += [s["ids"] for s in manifest["splits"].values()] + list((manifest.get("labels") or {}).values())
     if not all((out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in entries):
         return None
@@ -138,6 +137,12 @@ def _reusable(out: Path, key: str, twin_dir: Path | None, owner: str) -> dict | 
             return None
     manifest["reused"] = True
     return manifest
+
+
+def ciphertext_entries(manifest: dict) -> list[dict]:
+    """Every ciphertext blob entry of a manifest, in all layouts and splits."""
+    return [e for s in manifest["splits"].values() for b in s["batches"]
+            for e in b["rows"] + b["cols"] + b.get("column", [])]
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -59,6 +59,7 @@ class ExchangeStore:
     def __init__(self, root: Path, cfg: RunConfig, key_id: str, plan: PackingPlan):
         self.root, self.cfg, self.plan = Path(root), cfg, plan
         self.bytes_read = 0
+        self._labels: dict[tuple[str, str], np.ndarray] = {}
         self.manifests = {o.name: self._manifest(o.name, key_id) for o in cfg.data.owners}
         self.feature_index, offset = {}, 0
         for o in cfg.data.owners:
@@ -159,12 +160,17 @@ class ExchangeStore:
         return EncryptedBatch(ref.batch_id, n, parts)
 
     def labels(self, ref: BatchRef) -> np.ndarray:
-        """Plaintext labels of one batch, revealed to the trainer by policy `labels: reveal`."""
-        owner = next(o.name for o in self.cfg.data.owners if o.label and o.name in ref.owners) \
-            if self.cfg.data.partition == "horizontal" else next(o.name for o in self.cfg.data.owners if o.label)
-        manifest = self.manifests[owner]
-        all_labels = np.load(io.BytesIO(self._read(owner, manifest["labels"][ref.split])), allow_pickle=False)
-        return all_labels[self._slice(owner, ref)]
+        """Plaintext labels of one batch, revealed to the trainer by policy `labels: reveal`.
+
+        Each owner's label file is read and verified once per store, not once per batch.
+        """
+        vertical = self.cfg.data.partition == "vertical"
+        owner = next(o.name for o in self.cfg.data.owners if o.label and (vertical or o.name in ref.owners))
+        key = (owner, ref.split)
+        if key not in self._labels:
+            entry = self.manifests[owner]["labels"][ref.split]
+            self._labels[key] = np.load(io.BytesIO(self._read(owner, entry)), allow_pickle=False)
+        return self._labels[key][self._slice(owner, ref)]
 
     def _slice(self, owner: str, ref: BatchRef) -> slice:
         batches = self.manifests[owner]["splits"][ref.split]["batches"]

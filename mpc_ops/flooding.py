@@ -26,15 +26,20 @@ def flood_sigma(security_bits: int, budget: int, bound: float) -> float:
     return 2.0 ** (security_bits / 2) * math.sqrt(12 * budget) * bound
 
 
+def uniform(n: int) -> np.ndarray:
+    """n uniform floats in [0, 1) with 53 random bits each, from os.urandom."""
+    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return (raw >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
 def gaussian(n: int, sigma: float) -> np.ndarray:
     """n Gaussian samples with standard deviation sigma, from os.urandom (Box–Muller)."""
     if n == 0:
         return np.zeros(0)
     m = (n + 1) // 2
-    raw = np.frombuffer(os.urandom(16 * m), dtype=np.uint64).reshape(2, m)
-    u1 = (raw[0] >> np.uint64(11)).astype(np.float64) + 1.0  # in [1, 2^53]
-    u1 /= 2.0**53
-    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u = uniform(2 * m).reshape(2, m)
+    u1 = u[0] + 2.0**-53  # in (0, 1]: log(u1) is finite
+    u2 = u[1]
     r = np.sqrt(-2.0 * np.log(u1))
     z = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])
     return z[:n] * sigma

@@ -6,7 +6,6 @@ trainer subtracts r. The key holder never sees true activations or gradients, an
 trainer never sees anything but the requested slots.
 """
 
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import tenseal as ts
 
-from . import ckks
+from . import ckks, flooding
 from .tensors import EncryptedTensor
 
 
@@ -55,8 +54,8 @@ class KeyHolderClient(Protocol):
 
 
 def _mask(slots: int, bound: float) -> np.ndarray:
-    raw = np.frombuffer(os.urandom(8 * slots), dtype=np.uint64)
-    return ((raw >> np.uint64(11)).astype(np.float64) / 2.0**53 * 2.0 - 1.0) * bound
+    """Uniform in [-bound, bound) from the CSPRNG."""
+    return (flooding.uniform(slots) * 2.0 - 1.0) * bound
 
 
 def blind(enc: EncryptedTensor, context: ts.Context, *, key_id: str, round_no: int,

@@ -58,7 +58,7 @@ def publish_round(name: str, rounds: list[dict], progress_id, total_rounds: int)
 
 
 def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, owners: list[dict],
-                     audit: dict, plot: Path | None, run_dir: Path, shape: tuple[int, int] | None = None) -> str:
+                     audit: dict, plot: Path | None, run_dir: Path) -> str:
     """The run summary: results, policy decisions, what was revealed to whom, bytes moved."""
     lines = [f"# hetrain run `{name}`", "", "## Result", "",
              "| metric | value |", "| --- | --- |"]
@@ -71,7 +71,7 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
               "| trainer | labels, in plaintext | policy.labels: reveal |",
               "| key holder | masked values only (uniform mask of bound "
               f"{policy['mask_bound']}), never true activations | blinding |",
-              *_rank_note(rounds, shape),
+              *_rank_note(audit),
               "", "## Key holder decisions", "",
               f"- reveals allowed: {audit.get('allow', 0)}",
               f"- reveals refused: {audit.get('refuse', 0)} {audit.get('rules') or ''}",
@@ -92,17 +92,20 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
     return "\n".join(lines) + "\n"
 
 
-def _rank_note(rounds: list[dict], shape: tuple[int, int] | None) -> list[str]:
-    """How many noisy linear combinations of each training sample the trainer has seen, against d."""
-    if shape is None:
-        return []
-    d, h = shape
-    seen = len(rounds) * h
-    verdict = ("fewer than d: not enough to solve for the features" if seen < d else
-               "at least d: enough to estimate each sample's features, up to the flooding noise")
-    return ["", f"Each training sample's activations were revealed once per round under new weights: "
-                f"{len(rounds)} rounds × {h} outputs = {seen} noisy linear combinations of its {d} features "
-                f"({verdict}). A per-batch rank limit is not enforced yet; see docs/SECURITY.md."]
+def _rank_note(audit: dict) -> list[str]:
+    """Per ciphertext layer, from the key holder's reveal ledger: the most feature combinations the
+    trainer holds of any one sample, against the limit and d; and the DP ε spent, if DP is on."""
+    lines = []
+    for layer, led in (audit.get("ledger") or {}).items():
+        limit = led["rank_limit"]
+        lines += ["", f"Layer `{layer}`: the trainer holds at most {led['max_rank_bound']} noisy linear "
+                      f"combinations of any sample's {led['in_features']} features ({led['max_distinct_weights']} "
+                      f"distinct weights × out_features), against a limit of "
+                      f"{limit if limit is not None else 'none (allow_invertible)'}, enforced by the key holder."]
+        if led["dp_epsilon"] is not None:
+            lines += [f"Its weight gradients were released with DP noise: each sample took part in at most "
+                      f"{led['max_gradient_releases']} releases, (ε, δ) = ({led['dp_epsilon']}, {led['dp_delta']})."]
+    return lines
 
 
 def publish_summary(name: str, markdown: str, path: Path) -> None:

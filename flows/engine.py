@@ -6,11 +6,12 @@ very same code with `PlainInputLinear` as the front and the identity as the reve
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from mpc_ops.config import RunConfig
+from mpc_ops.dp import clip_rows
 from mpc_ops.optim import build_optimizer
 from mpc_ops.plain_layers import BinaryCrossEntropy, Linear, Sequential, SoftmaxCrossEntropy, build_activation
 from mpc_ops.policy import cipher_layer_shapes
@@ -67,28 +68,68 @@ class StepResult:
     n: int
 
 
-class Learner:
-    """One side of training: a front (ciphertext layer or its twin), a reveal, a model, an optimizer."""
+@dataclass
+class LazyBatch:
+    """A batch read from the exchange store only if its input layer output is not cached."""
 
-    def __init__(self, model: Model, optimizer, front, reveal: Callable):
+    batch_id: str
+    load: Callable[[], Any]
+
+
+class Learner:
+    """One side of training: a front (ciphertext layer or its twin), a reveal, a model, an optimizer.
+
+    Once the input layer is frozen (the reveal policy's rank limit allows no new weights),
+    its weights stop training, its gradient is no longer revealed, and with `cache_frozen`
+    each batch's revealed X·W is kept: later rounds run in plaintext.
+    """
+
+    def __init__(self, model: Model, optimizer, front, reveal: Callable, *, dp_clip: float | None = None,
+                 cache_frozen: bool = False):
         self.model, self.optimizer, self.front, self.reveal = model, optimizer, front, reveal
+        self.dp_clip, self.cache_frozen = dp_clip, cache_frozen
+        self.input_frozen = False
+        self.frozen_cache: dict[str, np.ndarray] = {}
+
+    def freeze_input(self) -> None:
+        self.input_frozen = True
+
+    def _pre_activation(self, x) -> np.ndarray:
+        if self.input_frozen and x.batch_id in self.frozen_cache:
+            return self.frozen_cache[x.batch_id]
+        z = self.reveal(self.front.forward(x.load() if isinstance(x, LazyBatch) else x))
+        if self.input_frozen and self.cache_frozen:
+            self.frozen_cache[x.batch_id] = z
+        return z
 
     def _forward(self, x, y: np.ndarray) -> tuple[np.ndarray, float]:
-        z = self.reveal(self.front.forward(x)) + self.model.input.b
+        z = self._pre_activation(x) + self.model.input.b
         logits = self.model.body.forward(z)
         return logits, self.model.loss.forward(logits, y)
 
     def train_batch(self, x, y: np.ndarray) -> StepResult:
         logits, loss = self._forward(x, y)
         grad_z = self.model.body.backward(self.model.loss.backward())
-        self.model.input.grad_W = self.reveal(self.front.backward(grad_z))
         self.model.input.grad_b = grad_z.sum(axis=0)
-        self.optimizer.step(self.model.parameters(), self.model.grads())
+        frozen_key = f"{self.model.input.name}.W"
+        if not self.input_frozen:
+            delta = clip_rows(grad_z, self.dp_clip) if self.dp_clip else grad_z
+            self.model.input.grad_W = self.reveal(self.front.backward(delta))
+        params, grads = self.model.parameters(), self.model.grads()
+        if self.input_frozen:
+            params.pop(frozen_key)
+            grads.pop(frozen_key)
+        self.optimizer.step(params, grads)
         return StepResult(loss * len(y), int((self.model.loss.predict(logits) == y).sum()), len(y))
 
     def eval_batch(self, x, y: np.ndarray) -> StepResult:
         logits, loss = self._forward(x, y)
         return StepResult(loss * len(y), int((self.model.loss.predict(logits) == y).sum()), len(y))
+
+
+def input_frozen_in(train_rounds: int | None, round_no: int) -> bool:
+    """Whether the input layer is frozen in `round_no`, given policy.input_train_rounds."""
+    return train_rounds is not None and round_no > train_rounds
 
 
 def batch_order(seed: int, round_no: int, count: int) -> np.ndarray:

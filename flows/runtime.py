@@ -134,6 +134,11 @@ class Runtime:
             store.write_bytes(self.paths.public_context, data)
         return self.key_id
 
+    def data_digest(self) -> str:
+        """One digest of every owner's bundle key: what the data of this run is."""
+        keys = sorted(f"{name}:{m['bundle_key']}" for name, m in self.store.manifests.items())
+        return store.sha256_bytes("\n".join(keys).encode())
+
     def lineage(self) -> dict:
         return {
             "config_path": str(self.config_path),

@@ -17,7 +17,7 @@ from mpc_ops.tensors import PlainBatch
 from participants import data_owner
 
 from . import checkpoint
-from .engine import Learner, Model, StepResult, make_optimizer
+from .engine import LazyBatch, Learner, Model, StepResult, make_optimizer
 from .runtime import Runtime
 
 
@@ -110,13 +110,29 @@ def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learne
     """The hybrid learner and (if configured) its plaintext twin, freshly initialised."""
     model, twin_model = Model(rt.cfg), Model(rt.cfg)
     name = model.input.name
+    dp = rt.cfg.policy.dp
+    clip = dp.clip if dp else None
     hybrid = Learner(model, make_optimizer(rt.cfg),
                      CipherLinear(name, model.input.W, rt.context, rt.plan, rt.cfg.ckks.params().headroom,
-                                  rt.cfg.policy.mask_bound, JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers)),
-                     cipher_reveal(rt, round_no, traffic))
+                                  rt.cfg.policy.mask_bound, JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers),
+                                  gradient_gain_cap=1.0 if dp else None),
+                     cipher_reveal(rt, round_no, traffic), dp_clip=clip, cache_frozen=True)
     twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),
-                   lambda x: x) if rt.cfg.report.plaintext_twin else None
+                   lambda x: x, dp_clip=clip) if rt.cfg.report.plaintext_twin else None
     return hybrid, twin
+
+
+CACHE_PREFIX = "frozen_cache."
+
+
+def _cache_params(hybrid: Learner) -> dict:
+    """The frozen input layer's revealed outputs, saved so a resumed run need not reveal them again."""
+    return {CACHE_PREFIX + batch_id.replace("/", "|"): z for batch_id, z in hybrid.frozen_cache.items()}
+
+
+def _restore_cache(hybrid: Learner, params: dict) -> None:
+    hybrid.frozen_cache = {k[len(CACHE_PREFIX):].replace("|", "/"): v for k, v in params.items()
+                           if k.startswith(CACHE_PREFIX)}
 
 
 def _prefixed(prefix: str, state: dict) -> dict:
@@ -143,6 +159,8 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
                 continue
             learner.model.load(params)
             learner.optimizer.load_state_dict(_unprefixed(prefix, ckpt.optimizer_state))
+        if ckpt.extra.get("data") == rt.data_digest():  # cached outputs are only valid for the same data
+            _restore_cache(hybrid, ckpt.params)
     except (ValueError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {previous} does not fit the current config (model or optimizer changed?): {exc}; "
@@ -154,13 +172,17 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
 @task(name="train-batch-group", cache_policy=NO_CACHE)
 def train_batch_group(rt: Runtime, hybrid: Learner, refs: list) -> list[StepResult]:
     """Forward, reveal, backward, reveal and step on a group of encrypted batches, in order."""
-    return [hybrid.train_batch(rt.store.load(ref), rt.store.labels(ref)) for ref in refs]
+    return [hybrid.train_batch(_lazy(rt, ref), rt.store.labels(ref)) for ref in refs]
+
+
+def _lazy(rt: Runtime, ref: BatchRef) -> LazyBatch:
+    return LazyBatch(ref.batch_id, lambda: rt.store.load(ref))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(rt: Runtime, hybrid: Learner) -> list[StepResult]:
     """Test-set forward passes on ciphertext, revealed under the same policy."""
-    return [hybrid.eval_batch(rt.store.load(ref), rt.store.labels(ref)) for ref in rt.store.batches("test")]
+    return [hybrid.eval_batch(_lazy(rt, ref), rt.store.labels(ref)) for ref in rt.store.batches("test")]
 
 
 @task(name="run-plaintext-twin", cache_policy=NO_CACHE)
@@ -188,6 +210,8 @@ def write_checkpoint(rt: Runtime, round_no: int, hybrid: Learner, twin: Learner 
         if learner is not None:
             params.update(_prefixed(prefix, learner.model.parameters()))
             opt.update(_prefixed(prefix, learner.optimizer.state_dict()))
+    params.update(_cache_params(hybrid))
+    extra = {**extra, "data": rt.data_digest()}
     rng_state = np.random.default_rng([rt.cfg.seed, round_no + 1]).bit_generator.state
     path = checkpoint.save_checkpoint(rt.paths.checkpoints, round_no, params=params, optimizer_state=opt,
                                       rng_state=rng_state, lineage=lineage, extra=extra)

@@ -9,10 +9,10 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
-from mpc_ops.policy import cipher_layer_shapes
+from mpc_ops.policy import input_train_rounds
 
 from . import artifacts, checkpoint, progress
-from .engine import batch_order, summarise
+from .engine import batch_order, input_frozen_in, summarise
 from .runtime import LocalKeyHolderClient, Runtime
 from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
@@ -47,6 +47,11 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
     traffic = Traffic()
     hybrid, twin = build_learners(rt, round_no, traffic)
     previous = run(restore_state, rt, hybrid, twin, round_no)
+    frozen = input_frozen_in(input_train_rounds(rt.cfg), round_no)
+    if frozen:  # the rank limit allows no new weights for the ciphertext layer
+        for learner in (hybrid, twin):
+            if learner is not None:
+                learner.freeze_input()
     refs = rt.store.batches("train")
     order = batch_order(rt.cfg.seed, round_no, len(refs))
     decryptions_before = rt.key_holder.decryptions_used
@@ -68,6 +73,7 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
         "bytes_from_owners": rt.store.bytes_read, "bytes_to_key_holder": traffic.to_key_holder,
         "bytes_from_key_holder": traffic.from_key_holder, "reveals": traffic.reveals,
         "decryptions": rt.key_holder.decryptions_used - decryptions_before,
+        "input_frozen": frozen,
     }
     if twin is not None:
         _, twin_test = run(run_twin, rt, twin, order)
@@ -154,13 +160,13 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
         "mean_bytes_per_round": int(sum(r["bytes_from_owners"] + r["bytes_to_key_holder"]
                                         + r["bytes_from_key_holder"] for r in rounds) / len(rounds)),
         "key_id": key_id,
+        "dp_epsilon": max((led["dp_epsilon"] for led in audit["ledger"].values()
+                           if led["dp_epsilon"] is not None), default=None),
     }
     artifacts.write_metrics(rt.paths.metrics, rounds, final)
     plot = artifacts.plot_png(rounds, rt.paths.root / "plots" / "training.png")
     policy = rt.cfg.policy.model_dump()
-    shape = next(iter(cipher_layer_shapes(rt.cfg).values()))
-    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.root,
-                                          (shape.in_features, shape.out_features))
+    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.root)
     artifacts.publish_summary(rt.cfg.name, markdown, rt.paths.root / "summary.md")
     progress.notify("run-done", final=final)
     return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root)}

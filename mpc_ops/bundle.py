@@ -60,6 +60,7 @@ class ExchangeStore:
         self.root, self.cfg, self.plan = Path(root), cfg, plan
         self.bytes_read = 0
         self._labels: dict[tuple[str, str], np.ndarray] = {}
+        self._ids: dict[tuple[str, str], list[str]] = {}
         self.manifests = {o.name: self._manifest(o.name, key_id) for o in cfg.data.owners}
         self.feature_index, offset = {}, 0
         for o in cfg.data.owners:
@@ -157,7 +158,18 @@ class ExchangeStore:
                 [self._read(owner, e) for e in entry["cols"]],
                 [self._read(owner, e) for e in entry.get("column", [])],
             ))
-        return EncryptedBatch(ref.batch_id, n, parts)
+        return EncryptedBatch(ref.batch_id, n, parts, self.row_ids(ref))
+
+    def row_ids(self, ref: BatchRef) -> list[str]:
+        """The pseudonyms of a batch's samples (every owner's are equal: checked at alignment)."""
+        owner = ref.owners[0]
+        key = (owner, ref.split)
+        if key not in self._ids:
+            ids = json.loads(self._read(owner, self.manifests[owner]["splits"][ref.split]["ids"]))
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise BundleError(f"owner '{owner}': the {ref.split} ID list is not a list of strings")
+            self._ids[key] = ids
+        return self._ids[key][self._slice(owner, ref)]
 
     def labels(self, ref: BatchRef) -> np.ndarray:
         """Plaintext labels of one batch, revealed to the trainer by policy `labels: reveal`.

@@ -6,6 +6,8 @@ The ciphertext layer returns EncryptedTensor objects that must be revealed expli
 twin returns numpy arrays. A test runs both on the same batch and compares.
 """
 
+import hashlib
+
 import numpy as np
 import tenseal as ts
 
@@ -14,13 +16,21 @@ from .packing import PackingPlan, gain_for
 from .tensors import EncryptedBatch, EncryptedTensor, PlainBatch
 
 
+def weights_digest(weight: np.ndarray) -> str:
+    """SHA-256 of the weights an activation is computed under, declared in its reveal request."""
+    return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float64).tobytes()).hexdigest()
+
+
 class CipherLinear:
     """Encrypted input × plaintext weights: packed forward, slot-summed gradient."""
 
     def __init__(self, name: str, weight: np.ndarray, context: ts.Context, plan: PackingPlan,
-                 headroom: float = 512.0, mask_bound: float = 64.0, runner: JobRunner | None = None):
+                 headroom: float = 512.0, mask_bound: float = 64.0, runner: JobRunner | None = None,
+                 gradient_gain_cap: float | None = None):
         self.name, self.W, self.context, self.plan = name, weight, context, plan
         self.headroom, self.mask_bound = headroom, mask_bound
+        # With DP noise on gradients, a gain > 1 would divide that noise too: cap it at 1.
+        self.gradient_gain_cap = gradient_gain_cap
         self.runner = runner or JobRunner(context, plan.slots)
         self._x: EncryptedBatch | None = None
 
@@ -65,6 +75,7 @@ class CipherLinear:
         return EncryptedTensor(
             kind="activation", layer=self.name, shape=(x.n, h), blobs=self.runner.run(blobs, jobs),
             stride=[stride] * len(jobs), counts=counts, placement=placement, aggregate=d_in, gains=gains,
+            meta={"rows": list(x.rows), "weights": weights_digest(self.W)},
         )
 
     def backward(self, grad_out: np.ndarray) -> EncryptedTensor:
@@ -80,6 +91,8 @@ class CipherLinear:
             blobs += part.cols
             for k in range(h):
                 gain = self._gain(grad_out[:, k])
+                if self.gradient_gain_cap is not None:
+                    gain = min(gain, self.gradient_gain_cap)
                 terms = [(first + c, plan.delta_vector(gain * grad_out[sl, k], n_feat)) for c, sl in enumerate(chunks)]
                 jobs.append((terms, plan.col_seg))
                 counts.append(n_feat)
@@ -88,6 +101,7 @@ class CipherLinear:
         return EncryptedTensor(
             kind="gradient", layer=self.name, shape=(d_in, h), blobs=self.runner.run(blobs, jobs),
             stride=[plan.col_seg] * len(jobs), counts=counts, placement=placement, aggregate=x.n, gains=gains,
+            meta={"rows": list(x.rows)},
         )
 
 

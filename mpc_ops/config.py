@@ -59,6 +59,17 @@ class TrainConfig(_Strict):
 
 class RevealPoint(_Strict):
     allow_invertible: bool = False
+    # Most dimensions of each sample's features the trainer may learn through this layer's
+    # activations over the whole run (distinct weights × out_features); None: in_features - 1.
+    max_rank: int | None = Field(None, ge=1)
+
+
+class DpConfig(_Strict):
+    """Gaussian noise on revealed weight gradients (per-sample delta clipped by the trainer)."""
+
+    noise_multiplier: float = Field(gt=0.0, le=1000.0)
+    clip: float = Field(1.0, gt=0.0, le=1e6)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
 
 class FloodingConfig(_Strict):
@@ -73,6 +84,7 @@ class PolicyConfig(_Strict):
     labels: Literal["reveal"] = "reveal"
     mask_bound: float = Field(64.0, gt=0.0)
     flooding: FloodingConfig = FloodingConfig()
+    dp: DpConfig | None = None
 
 
 class CkksConfig(_Strict):
@@ -139,6 +151,7 @@ def _check_model(cfg: RunConfig) -> None:
             f"policy.reveals must name ciphertext layers whose outputs may be revealed "
             f"(allowed: {cfg.policy.cipher_layers}); got {sorted(cfg.policy.reveals)}"
         )
+    _check_rank(cfg)
     last = [layer for layer in cfg.model.layers if layer.kind == "linear"][-1]
     want = 1 if cfg.model.loss == "binary_cross_entropy" else cfg.data.num_classes
     if last.out_features != want:
@@ -166,6 +179,21 @@ def _check_model(cfg: RunConfig) -> None:
             raise ValueError("data.owners: in a horizontal split every owner must declare the same features")
     if len({o.name for o in owners}) != len(owners):
         raise ValueError("data.owners: owner names must be unique")
+
+
+def _check_rank(cfg: RunConfig) -> None:
+    from .policy import cipher_layer_shapes  # policy imports this module
+
+    for name, shape in cipher_layer_shapes(cfg).items():
+        point = cfg.policy.reveals.get(name)
+        if point is None or point.allow_invertible or point.max_rank is None:
+            continue
+        if not shape.out_features <= point.max_rank < shape.in_features:
+            raise ValueError(
+                f"policy.reveals.{name}.max_rank must be in [{shape.out_features}, {shape.in_features - 1}] "
+                f"(at least out_features, so one reveal fits; below in_features, so the trainer never "
+                f"holds full rank); got {point.max_rank}"
+            )
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .config import PolicyConfig, RunConfig
+from .config import PolicyConfig, RevealPoint, RunConfig
 from .errors import PolicyRefusal
 from .reveal import RevealRequest
 
@@ -27,6 +27,25 @@ def cipher_layer_shapes(cfg: RunConfig) -> dict[str, LayerShape]:
             shapes[layer.name] = LayerShape(width, layer.out_features)
         width = layer.out_features
     return shapes
+
+
+def rank_limit(point: RevealPoint, shape: LayerShape) -> int | None:
+    """How many feature combinations of one sample the trainer may hold (None: unlimited)."""
+    if point.allow_invertible:
+        return None
+    return point.max_rank if point.max_rank is not None else shape.in_features - 1
+
+
+def input_train_rounds(cfg: RunConfig) -> int | None:
+    """Rounds in which the ciphertext layer's weights train before they freeze (None: never).
+
+    Each training sample is revealed under new weights in every round in which they train, and
+    once more under the frozen weights; the rank limit allows floor(limit / out_features)
+    distinct weights per sample.
+    """
+    name, shape = next(iter(cipher_layer_shapes(cfg).items()))
+    limit = rank_limit(cfg.policy.reveals[name], shape)
+    return None if limit is None else limit // shape.out_features - 1
 
 
 def check_reveal(policy: PolicyConfig, shapes: dict[str, LayerShape], request: RevealRequest) -> None:

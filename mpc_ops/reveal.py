@@ -30,6 +30,8 @@ class RevealRequest:
     stride: list[int]
     counts: list[int]
     aggregate: int
+    rows: list[str] = field(default_factory=list)  # pseudonyms of the samples in the batch
+    weights: str = ""  # SHA-256 of the plaintext weights an activation was computed under
 
     @property
     def n_bytes(self) -> int:
@@ -71,6 +73,7 @@ def blind(enc: EncryptedTensor, context: ts.Context, *, key_id: str, round_no: i
     request = RevealRequest(
         request_id=uuid.uuid4().hex, key_id=key_id, kind=enc.kind, layer=enc.layer, round=round_no,
         blobs=blobs, stride=list(enc.stride), counts=list(enc.counts), aggregate=enc.aggregate,
+        rows=list(enc.meta.get("rows", [])), weights=enc.meta.get("weights", ""),
     )
     return request, masks
 

@@ -23,6 +23,7 @@ class EncryptedBatch:
     batch_id: str
     n: int
     parts: list[OwnerPart]
+    rows: list[str] = field(default_factory=list)  # sample pseudonyms, in batch order
 
     @property
     def n_bytes(self) -> int:

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from mpc_ops import ckks, flooding, store, wire
+from mpc_ops import ckks, dp, flooding, store, wire
 from mpc_ops.config import PolicyConfig
 from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
 from mpc_ops.params import CkksParams
 from mpc_ops.policy import LayerShape, check_reveal
 from mpc_ops.reveal import RevealRequest, RevealResponse
+from mpc_ops.reveal_ledger import LEDGER_FILE, RevealLedger
 
 SECRET_FILE = "secret_context.bin"
 STATE_FILE = "state.json"
@@ -43,6 +44,7 @@ class KeyHolder:
         self.decryptions_used = int(state.get("decryptions_used", 0))
         self._last_hash = state.get("audit_head", "0" * 64)
         self._seq = int(state.get("audit_seq", 0))
+        self.ledger = RevealLedger(self.directory / LEDGER_FILE, policy, shapes)
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -117,6 +119,7 @@ class KeyHolder:
                     f"reveal request names key id {request.key_id}; this key holder's is {self.key_id}"
                 )
             check_reveal(self.policy, self.shapes, request)
+            self.ledger.check(request)
             if self.decryptions_used + len(request.blobs) > self.budget:
                 raise BudgetExhausted(
                     f"{self.decryptions_used} of the budget of {self.budget} decryptions are used and "
@@ -127,14 +130,22 @@ class KeyHolder:
                 self.policy.flooding.security_bits, self.budget,
                 flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride)),
             )
-            # Charge the budget before decrypting: a decryption leaks whether or not it is returned.
+            # Charge the budget and the ledger before decrypting: a decryption leaks whether or not
+            # it is returned.
             self.decryptions_used += len(request.blobs)
+            self.ledger.record(request)
             values = [self._decrypt(b, s, c, slots) for b, s, c in zip(request.blobs, request.stride, request.counts)]
         except (PolicyRefusal, BundleError) as exc:
             self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))
             raise
+        details = {}
+        if request.kind == "gradient" and self.policy.dp is not None:
+            # DP noise on the values as decrypted: the trainer caps its gradient gain at 1, so the
+            # noise it sees after dividing by the gain is at least dp_sigma.
+            details["dp_sigma"] = dp.sigma(self.policy.dp, self.shapes[request.layer].in_features, request.aggregate)
+            values = [dp.add_noise(v, details["dp_sigma"]) for v in values]
         flooded = [flooding.flood(v, sigma) for v in values]
-        self._audit(request, "allow", sigma=sigma, slots_revealed=int(sum(request.counts)))
+        self._audit(request, "allow", sigma=sigma, slots_revealed=int(sum(request.counts)), **details)
         return RevealResponse(request.request_id, flooded, sigma, self.decryptions_used)
 
     def _check_shape(self, request: RevealRequest, slots: int) -> None:
@@ -171,6 +182,7 @@ class KeyHolder:
             if entry["decision"] == "refuse":
                 totals["rules"][entry["rule"]] = totals["rules"].get(entry["rule"], 0) + 1
             totals["sigma"] = entry.get("sigma", totals["sigma"])
+        totals["ledger"] = self.ledger.summary()
         return totals
 
     # ---- state and audit -------------------------------------------------------------

@@ -23,10 +23,11 @@ def run_dir(tmp_path):
     holder = KeyHolder.open_or_create(tmp_path / "key_holder", CkksParams(), policy, {"enc1": LayerShape(64, 8)})
     public = ckks.load_public_context(holder.public_context())
     blob = ckks.encrypt(public, np.zeros(4096))
-    ok = RevealRequest("a", holder.key_id, "activation", "enc1", 1, [blob], [32], [4], 64)
+    rows = [f"{i:024x}" for i in range(8)]
+    ok = RevealRequest("a", holder.key_id, "activation", "enc1", 1, [blob], [32], [8], 64, rows[:1], "ab" * 32)
     holder.reveal(ok)
     with pytest.raises(PolicyRefusal):
-        holder.reveal(RevealRequest("b", holder.key_id, "gradient", "enc1", 1, [blob], [128], [4], 8))
+        holder.reveal(RevealRequest("b", holder.key_id, "gradient", "enc1", 1, [blob], [128], [4], 8, rows))
     holder.reveal(ok)
     return tmp_path
 

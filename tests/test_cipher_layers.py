@@ -33,7 +33,7 @@ def encrypt_batch(public, plan: PackingPlan, x: np.ndarray, widths: list[int]) -
         cols = [ckks.encrypt(public, plan.cols_vector(cols_x[sl])) for sl in plan.chunks(len(x))]
         parts.append(OwnerPart(f"owner{o}", np.arange(start, start + width), rows, cols))
         start += width
-    return EncryptedBatch("test/b0000", len(x), parts)
+    return EncryptedBatch("test/b0000", len(x), parts, [f"{i:024x}" for i in range(len(x))])
 
 
 def reveal(enc, ckks_keys, round_no=0) -> tuple[np.ndarray, float]:

@@ -104,7 +104,7 @@ def test_unknown_key_inside_a_reveal_point_lists_the_reveal_point_keys(horizonta
     message = refusal(horizontal)
 
     # Assert
-    assert message == "cfg.yaml: unknown key 'policy.reveals.enc1.allow_everything' (allowed here: allow_invertible)"
+    assert message == "cfg.yaml: unknown key 'policy.reveals.enc1.allow_everything' (allowed here: allow_invertible, max_rank)"
 
 
 @pytest.mark.parametrize("path, value, allowed", [

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import tenseal as ts
+import yaml
 
 from tests.conftest import write_config
 
@@ -25,7 +26,9 @@ def test_train_flow_writes_metrics_with_documented_keys(bc_run):
     assert metrics["final"]["decryptions"] > 0
     summary = (run_dir / "summary.md").read_text()
     assert summary.startswith("# hetrain run")
-    assert "4 rounds × 8 outputs = 32 noisy linear combinations of its 30 features (at least d" in summary
+    # 4 training rounds, each under new weights, × 5 outputs; the key holder's limit is d - 1 = 29
+    assert ("the trainer holds at most 20 noisy linear combinations of any sample's 30 features "
+            "(4 distinct weights × out_features), against a limit of 29") in summary
     assert (run_dir / "plots" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -135,3 +138,61 @@ def test_run_resumed_after_a_crash_completes_like_an_uninterrupted_one(prefect_h
     assert resumed["final"]["test_accuracy"] >= 0.95
     assert abs(resumed["final"]["test_accuracy"] - straight["final"]["test_accuracy"]) <= 0.02
     assert not any(p.name.startswith(".round") for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_rounds_past_the_rank_limit_freeze_the_cipher_layer_and_run_in_plaintext(bc_run, demo_data, tmp_path):
+    # Prepare: continue the shared 4-round run (all training rounds allowed by the rank limit of
+    # 29 with 5 outputs) for 2 more rounds, in which enc1 must be frozen
+    import json
+    import shutil
+
+    from flows.checkpoint import load_checkpoint
+    from flows.train_flow import train
+
+    run_dir, _ = bc_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    config = write_config(tmp_path, demo_data, rounds=6)
+
+    # Execute
+    result = train(str(config), str(tmp_path / "run"), resume=True)
+
+    # Assert: no refusal; round 5 reveals only activations under the frozen weights, round 6 nothing
+    rounds = {r["round"]: r for r in result["rounds"]}
+    assert result["final"]["policy_refusals"] == 0
+    assert [rounds[r]["input_frozen"] for r in (4, 5, 6)] == [False, True, True]
+    train_batches, test_batches = 8, 2  # two clinics, each with 4 train batches and 1 test batch
+    assert rounds[5]["decryptions"] == (train_batches + test_batches) * 5  # one ciphertext per output, no gradients
+    assert rounds[6]["decryptions"] == 0 and rounds[6]["bytes_to_key_holder"] == 0
+    # round 6 reads no ciphertext, only the label and ID files (a few kB against MBs)
+    assert rounds[6]["bytes_from_owners"] < rounds[4]["bytes_from_owners"] / 100
+    ckpt = {r: load_checkpoint(tmp_path / "run" / "checkpoints" / f"round-{r:05d}") for r in (4, 5, 6)}
+    for r in (5, 6):
+        np.testing.assert_array_equal(ckpt[r].params["hybrid.enc1.W"], ckpt[4].params["hybrid.enc1.W"])
+        assert not np.array_equal(ckpt[r].params["hybrid.out.W"], ckpt[4].params["hybrid.out.W"])
+    assert sum(k.startswith("frozen_cache.") for k in ckpt[6].params) == train_batches + test_batches
+    ledger = json.loads((tmp_path / "run" / "key_holder" / "reveal_ledger.json").read_text())["weights"]["enc1"]
+    assert max(len(v) for v in ledger.values()) == 5  # 5 distinct weights × 5 outputs = 25 <= 29
+    assert result["final"]["test_accuracy"] >= 0.95
+
+
+def test_dp_run_reports_the_epsilon_spent(prefect_harness, demo_data, tmp_path):
+    # Prepare: DP noise on the enc1 gradients, 2 rounds
+    from flows.train_flow import train
+    from mpc_ops import dp
+    from mpc_ops.config import DpConfig
+
+    config = write_config(tmp_path, demo_data, rounds=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["policy"]["dp"] = {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-5}
+    config.write_text(yaml.safe_dump(raw))
+
+    # Execute
+    result = train(str(config), str(tmp_path / "run"))
+
+    # Assert: each training sample took part in 2 releases; ε as zCDP composition gives it
+    expected = round(dp.epsilon(DpConfig(noise_multiplier=1.0, clip=1.0, delta=1e-5), 2), 4)
+    assert result["final"]["dp_epsilon"] == expected
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert f"each sample took part in at most 2 releases, (ε, δ) = ({expected}, 1e-05)" in summary
+    audit = [json.loads(line) for line in (tmp_path / "run" / "key_holder" / "audit.jsonl").read_text().splitlines()]
+    assert all(e["dp_sigma"] > 0 for e in audit if e["kind"] == "gradient")

@@ -39,14 +39,28 @@ def keys(tmp_path):
     return make_holder(tmp_path / "key_holder")
 
 
-def make_request(holder, public, *, kind="gradient", layer="enc1", aggregate=64, n_blobs=1, key_id=None):
-    """A reveal request of `n_blobs` real ciphertexts, each holding VALUES in slots 0..3."""
+def row_ids(n: int, start: int = 0) -> list[str]:
+    """n sample pseudonyms, as the owners write them (hex)."""
+    return [f"{i:024x}" for i in range(start, start + n)]
+
+
+WEIGHTS = hashlib.sha256(b"weights-1").hexdigest()
+
+
+def make_request(holder, public, *, kind="gradient", layer="enc1", aggregate=64, n_blobs=1, key_id=None,
+                 rows=None, weights=WEIGHTS):
+    """A reveal request of `n_blobs` real ciphertexts, each holding VALUES in slots 0..3, naming its rows:
+    `aggregate` rows for a gradient, values / out_features rows for an activation."""
     slots = np.zeros(SLOTS)
     slots[: len(VALUES)] = VALUES
     blobs = [ckks.encrypt(public, slots) for _ in range(n_blobs)]
+    if rows is None:
+        h = holder.shapes[layer].out_features if layer in holder.shapes else 1
+        rows = row_ids(aggregate if kind == "gradient" else max(1, len(VALUES) * n_blobs // h))
     return RevealRequest(
         request_id=uuid.uuid4().hex, key_id=key_id or holder.key_id, kind=kind, layer=layer, round=0,
         blobs=blobs, stride=[1] * n_blobs, counts=[len(VALUES)] * n_blobs, aggregate=aggregate,
+        rows=rows, weights=weights,
     )
 
 
@@ -88,7 +102,7 @@ def test_activation_reveal_of_an_invertible_layer_is_refused_and_audited(tmp_pat
 
 def test_activation_reveal_of_an_invertible_layer_is_allowed_when_the_policy_permits_it(tmp_path):
     # Prepare
-    holder, public = make_holder(tmp_path / "kh", shape=(4, 8), reveals={"enc1": {"allow_invertible": True}})
+    holder, public = make_holder(tmp_path / "kh", shape=(4, 4), reveals={"enc1": {"allow_invertible": True}})
     request = make_request(holder, public, kind="activation", aggregate=4)
 
     # Execute

@@ -80,7 +80,7 @@ def test_column_forward_matches_x_times_w_within_the_flooding_tolerance(ckks_key
         parts.append(OwnerPart(name, idx, [], [], column))
     layer = CipherLinear("enc1", w, public, plan, holder.params.headroom, 64.0)
     # Execute
-    enc = layer.forward(EncryptedBatch("b", 300, parts))
+    enc = layer.forward(EncryptedBatch("b", 300, parts, [f"{i:024x}" for i in range(300)]))
     request, masks = blind(enc, public, key_id=holder.key_id, round_no=0, mask_bound=64.0)
     response = holder.reveal(request)
     z = unblind(enc, response, masks)

@@ -102,8 +102,8 @@ class HttpKeyHolderClient:
             return response
         raise KeyHolderUnreachable(
             f"key holder at {self.url} did not answer {method} {path} after {self.retries + 1} attempt(s) "
-            f"(last error: {last}){self._hint}; once it is back (`hetrain key-holder serve CONFIG --key-dir DIR`), resume "
-            f"with `{self.resume_hint}`"
+            f"(last error: {last}){self._hint}; once the key holder is back (restart its `hetrain key-holder serve`), "
+            f"resume with `{self.resume_hint}`"
         )
 
     def _refusal(self, response: httpx.Response, path: str, sent: int) -> HetrainError:

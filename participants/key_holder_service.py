@@ -220,7 +220,11 @@ def serve(config_path: str | Path, key_dir: str | Path, *, host: str = "127.0.0.
         timeout_keep_alive=30, timeout_graceful_shutdown=5, server_header=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key, ssl_ca_certs=tls_client_ca,
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
     ))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    print("hetrain key-holder: stopped", flush=True)
     return 0
 
 

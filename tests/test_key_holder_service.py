@@ -61,11 +61,11 @@ class Service:
 
 
 @contextmanager
-def running_service(config: Path, folder: Path, *extra: str, scheme: str = "http", verify=True):
-    """`hetrain key-holder serve` in a subprocess on a free loopback port; stopped on exit."""
-    port, log = free_port(), folder / "service.log"
+def running_service(config: Path, folder: Path, *extra: str, scheme: str = "http", verify=True, port: int = 0):
+    """`hetrain key-holder serve` in a subprocess on a (free) loopback port; stopped on exit."""
+    port, log = port or free_port(), folder / "service.log"
     service = Service(f"{scheme}://127.0.0.1:{port}", folder / "kh.token", folder / "key_holder", log, config, verify)
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "key-holder", "serve", str(config), "--key-dir", str(service.key_dir),
              "--port", str(port), "--token-file", str(service.token_file), *extra],
@@ -547,3 +547,30 @@ def test_hetrain_train_with_key_holder_url_runs_end_to_end_in_a_fresh_process(se
     assert metrics["final"]["test_accuracy"] >= 0.9 and metrics["final"]["decryptions"] > 0
     assert not (tmp_path / "run" / "key_holder").exists()
     print(f"end-to-end hetrain train against the service: {elapsed:.1f} s")
+
+
+def test_training_stopped_by_an_unreachable_service_resumes_once_it_is_back(tmp_path, demo_data):
+    # Prepare: round 1 against the service, then the service goes away
+    from bench.pipeline import prepare, rounds
+    from flows.runtime import forget_key_holders
+
+    config, run = service_config(tmp_path, demo_data), tmp_path / "run"
+    with running_service(config, tmp_path) as first:
+        trainer = trainer_config(first, tmp_path, demo_data, rounds=2)
+        raw = yaml.safe_load(trainer.read_text())
+        raw["key_holder"].update(retries=1, backoff_s=0.1, timeout_s=10)
+        trainer.write_text(yaml.safe_dump(raw))
+        forget_key_holders()
+        prepare(trainer, run)
+        rounds(trainer, run, 1, 1)
+
+    # Execute: round 2 fails fast; after a restart on the same port and key, it runs from round 1's checkpoint
+    with pytest.raises(KeyHolderUnreachable, match=r"after 2 attempt\(s\).*resume with `hetrain train .* --resume`"):
+        rounds(trainer, run, 2, 2)
+    with running_service(config, tmp_path, port=int(first.url.rsplit(":", 1)[1])):
+        row = rounds(trainer, run, 2, 2)[0]
+    forget_key_holders()
+
+    # Assert
+    assert row["round"] == 2 and row["decryptions"] > 0
+    assert (run / "checkpoints" / "round-00002").is_dir()

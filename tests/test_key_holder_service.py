@@ -3,6 +3,7 @@ HttpKeyHolderClient. Reveals match the in-process key holder; every refused requ
 code and the service keeps serving; an unreachable service fails fast with KeyHolderUnreachable."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -364,6 +365,45 @@ def test_budget_exhausted_is_403_and_the_service_keeps_serving(tmp_path, demo_da
         assert (answer.status_code, answer.json()["error"], answer.json()["rule"]) == (403, "BudgetExhausted",
                                                                                       "decryption_budget")
         assert_good_reveal(small, public)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_token_command_writes_a_token_once_and_says_where(tmp_path, capsys):
+    # Prepare
+    from flows.cli import main
+
+    path = tmp_path / "kh.token"
+
+    # Execute
+    codes = main(["key-holder", "token", str(path)]), main(["key-holder", "token", str(path)])
+
+    # Assert
+    out = capsys.readouterr().out.splitlines()
+    assert codes == (0, 0)
+    assert out[0].startswith(f"wrote a new bearer token in {path} (mode 0600)")
+    assert out[1].startswith(f"kept the existing bearer token in {path}")
+    assert read_token(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tls-cert", "s.pem"], r"--tls-cert and --tls-key go together"),
+    (["--tls-client-ca", "ca.pem"], r"--tls-client-ca needs --tls-cert and --tls-key"),
+    (["--max-body-mb", "0"], r"--max-body-mb must be in \(0, 4096\]; got 0.0"),
+    (["--port", "70000"], r"--port must be in \[0, 65535\]; got 70000"),
+], ids=["cert-without-key", "client-ca-without-cert", "zero-body", "port"])
+def test_serve_refuses_inconsistent_options_before_touching_the_key(tmp_path, capsys, args, message):
+    # Prepare
+    from flows.cli import main
+
+    # Execute
+    code = main(["key-holder", "serve", "missing.yaml", "--key-dir", str(tmp_path / "kh"), *args])
+
+    # Assert
+    assert code == 1
+    assert re.search(r"^hetrain: error: ConfigError: " + message, capsys.readouterr().err)
+    assert not (tmp_path / "kh").exists()
 
 
 # ---- transport ---------------------------------------------------------------------------------

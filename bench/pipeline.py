@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from flows.runtime import LocalKeyHolderClient, Runtime
+from flows.runtime import Runtime, forget_key_holders
 from flows.tasks import ENGINE, encrypt_owner_table, set_up_key_holder
 from flows.train_flow import run_round
 
@@ -33,7 +33,7 @@ def prepare(config: Path, run_dir: Path, fresh: bool = True) -> dict:
 
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
-    LocalKeyHolderClient.forget()
+    forget_key_holders()
     token = ENGINE.set(False)
     try:
         start = time.perf_counter()

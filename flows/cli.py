@@ -1,4 +1,4 @@
-"""The `hetrain` command line: train, demo-data (more commands come with later issues)."""
+"""The `hetrain` command line: train, bench, audit, rotate-key, key-holder (serve, token), demo-data."""
 
 import argparse
 import os
@@ -73,6 +73,31 @@ def cmd_rotate_key(args) -> int:
     print(f"the next `hetrain train CONFIG --run-dir {args.run_dir} --resume` makes a new key, and every owner "
           f"re-encrypts under it")
     return 0
+
+
+def cmd_key_holder(args) -> int:
+    from mpc_ops.errors import HetrainError
+
+    if args.action == "token":
+        from mpc_ops.token_file import create_token, read_token
+
+        try:
+            created = create_token(args.file)
+            read_token(args.file)
+        except (HetrainError, OSError) as exc:
+            return _fail(f"{type(exc).__name__}: {exc}", code=1)
+        path = Path(args.file).resolve()
+        print(f"{'wrote a new' if created else 'kept the existing'} bearer token in {path} (mode 0600); pass it to "
+              f"`hetrain key-holder serve --token-file {path}` and to the trainer as key_holder.token_file")
+        return 0
+    from participants.key_holder_service import serve
+
+    try:
+        return serve(args.config, args.key_dir, host=args.host, port=args.port, token_path=args.token_file,
+                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                     max_body_mb=args.max_body_mb)
+    except HetrainError as exc:
+        return _fail(f"{type(exc).__name__}: {exc}", code=1)
 
 
 def cmd_bench(args) -> int:
@@ -151,6 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rotate-key", help="retire the run's key; the next --resume makes a new one")
     p.add_argument("run_dir", help="the run directory whose key_holder/ key to retire")
     p.set_defaults(func=cmd_rotate_key)
+
+    p = sub.add_parser("key-holder", help="run the key holder as its own service (the only process with the secret key)")
+    actions = p.add_subparsers(dest="action", required=True)
+    s = actions.add_parser("serve", help="serve the reveal API for one config and key directory")
+    s.add_argument("config", help="the run's YAML config: policy, layer shapes and CKKS parameters come from it")
+    s.add_argument("--key-dir", required=True, help="where the secret key, budget and audit log live (made if new)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    s.add_argument("--token-file", help="bearer token file, mode 0600; made if missing (default KEY_DIR/service.token)")
+    s.add_argument("--tls-cert", help="the service's TLS certificate (PEM); serves https")
+    s.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    s.add_argument("--tls-client-ca", help="CA bundle (PEM) that client certificates must chain to (mutual TLS)")
+    s.add_argument("--max-body-mb", type=float,
+                   help="largest reveal body in MiB (default: the config's largest reveal, from the CKKS parameters)")
+    t = actions.add_parser("token", help="write a fresh bearer token file (mode 0600) unless it exists")
+    t.add_argument("file", help="where to write the token")
+    p.set_defaults(func=cmd_key_holder)
 
     p = sub.add_parser("demo-data", help="write the bundled demo tables (one CSV per data owner)")
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")

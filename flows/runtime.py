@@ -1,5 +1,9 @@
 """Wiring for one run directory: paths, the config, the public context and the key-holder client.
 
+The key holder runs in-process (LocalKeyHolderClient, the default) or as its own service
+(`hetrain key-holder serve`, reached through HttpKeyHolderClient when key_holder.url is set).
+With a service, the trainer's process never imports participants.key_holder.
+
 Layout of RUN_DIR:
   key_holder/   secret context, budget state, audit log (only the key holder reads it)
   exchange/     public context and each owner's bundle (what owners send)
@@ -16,11 +20,12 @@ import tenseal as ts
 
 from mpc_ops import ckks, store
 from mpc_ops.bundle import ExchangeStore
-from mpc_ops.config import RunConfig, load_config
+from mpc_ops.config import KeyHolderConfig, RunConfig, load_config
+from mpc_ops.key_holder_client import HttpKeyHolderClient
 from mpc_ops.packing import PackingPlan
 from mpc_ops.planner import LayerShape, plan_layer
 from mpc_ops.policy import cipher_layer_shapes
-from mpc_ops.reveal import RevealRequest, RevealResponse
+from mpc_ops.reveal import KeyHolderClient, RevealRequest, RevealResponse
 
 PUBLIC_CONTEXT = "public_context.bin"
 
@@ -102,6 +107,25 @@ class LocalKeyHolderClient:
         cls._open.clear()
 
 
+_remote: dict[tuple[KeyHolderConfig, str], HttpKeyHolderClient] = {}
+
+
+def remote_key_holder(cfg: KeyHolderConfig, resume_hint: str) -> HttpKeyHolderClient:
+    """One HTTP client per service for the whole run: rounds reuse its connection and token."""
+    key = (cfg, resume_hint)
+    if key not in _remote:
+        _remote[key] = HttpKeyHolderClient.from_config(cfg, resume_hint=resume_hint)
+    return _remote[key]
+
+
+def forget_key_holders() -> None:
+    """Drop cached in-process key holders and HTTP clients (a new run, tests, key rotation)."""
+    LocalKeyHolderClient.forget()
+    for client in _remote.values():
+        client.close()
+    _remote.clear()
+
+
 class Runtime:
     """Everything the trainer needs for a round, opened from paths (Prefect passes only paths)."""
 
@@ -120,8 +144,12 @@ class Runtime:
         return ckks.key_id(self.context)
 
     @cached_property
-    def key_holder(self) -> LocalKeyHolderClient:
-        return LocalKeyHolderClient(self.cfg, self.paths.key_holder)
+    def key_holder(self) -> KeyHolderClient:
+        """In-process by default; the service's HTTP client when key_holder.url is set."""
+        if self.cfg.key_holder.url is None:
+            return LocalKeyHolderClient(self.cfg, self.paths.key_holder)
+        return remote_key_holder(self.cfg.key_holder,
+                                 f"hetrain train {self.config_path} --run-dir {self.paths.root} --resume")
 
     @cached_property
     def store(self) -> ExchangeStore:

@@ -13,7 +13,7 @@ from mpc_ops.policy import input_train_rounds
 
 from . import artifacts, checkpoint, progress
 from .engine import batch_order, input_frozen_in, summarise
-from .runtime import LocalKeyHolderClient, Runtime
+from .runtime import Runtime, forget_key_holders
 from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
 
@@ -123,7 +123,7 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
             f"to continue it, or choose another --run-dir"
         )
     checkpoint.cleanup_temp(rt.paths.checkpoints)
-    LocalKeyHolderClient.forget()
+    forget_key_holders()
     key_id = set_up_key_holder(rt)
     logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)
     with child_flow_settings():
@@ -150,7 +150,7 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
         reason = _stop_reason(rt.cfg, rounds)
     reason = reason or f"train.rounds={rt.cfg.train.rounds} rounds done"
 
-    audit = LocalKeyHolderClient(rt.cfg, rt.paths.key_holder).audit_summary()
+    audit = rt.key_holder.audit_summary()
     last = rounds[-1]
     final = {
         "test_accuracy": last["test_accuracy"], "plaintext_twin_test_accuracy": last["twin_test_accuracy"],

@@ -1,7 +1,9 @@
 """The run configuration: YAML validated once at the entry point by pydantic."""
 
+import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -104,6 +106,51 @@ class ReportConfig(_Strict):
     plaintext_twin: bool = True
 
 
+class KeyHolderConfig(_Strict):
+    """Where the trainer finds the key holder: in-process (url unset) or a `hetrain key-holder serve` service."""
+
+    url: str | None = None
+    token_file: Path | None = None
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
+    retries: int = Field(3, ge=0, le=20)
+    backoff_s: float = Field(1.0, ge=0.0, le=60.0)  # waits backoff_s, 2·backoff_s, 4·backoff_s, … between tries
+    tls_ca: Path | None = None  # CA bundle that signed the service's certificate (https only)
+    tls_cert: Path | None = None  # client certificate, for a service started with --tls-client-ca
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_url(self) -> "KeyHolderConfig":
+        tls = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(self, k) is not None]
+        if self.url is None:
+            stray = ["token_file"] * (self.token_file is not None) + tls
+            if stray:
+                raise ValueError(f"key_holder.url is required when key_holder sets {stray} "
+                                 f"(without a url the key holder runs in-process)")
+            return self
+        check_service_url(self.url, "key_holder.url")
+        if self.token_file is None:
+            raise ValueError("key_holder.token_file is required when key_holder.url is set "
+                             "(the file `hetrain key-holder token FILE` or `hetrain key-holder serve` wrote)")
+        if tls and not self.url.startswith("https://"):
+            raise ValueError(f"key_holder {tls} need an https:// url; got {self.url!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("key_holder.tls_cert and key_holder.tls_key go together (the client certificate and its key)")
+        return self
+
+
+def check_service_url(url: str, key: str) -> None:
+    """Raise ValueError unless `url` is http(s)://HOST:PORT (an optional trailing slash, nothing else)."""
+    allowed = f"{key} must be http://HOST:PORT or https://HOST:PORT (e.g. http://127.0.0.1:8765); got {url!r}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(allowed) from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or port is None or not 1 <= port <= 65535
+            or parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc):
+        raise ValueError(allowed)
+
+
 class RunConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     seed: int = 0
@@ -114,6 +161,7 @@ class RunConfig(_Strict):
     ckks: CkksConfig = CkksConfig()
     packing: PackingConfig = PackingConfig()
     report: ReportConfig = ReportConfig()
+    key_holder: KeyHolderConfig = KeyHolderConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -255,7 +303,26 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    cfg = parse_config(raw, str(path))
+    cfg = parse_config(_environment_overrides(raw), str(path))
     owners = [o.model_copy(update={"path": (path.parent / o.path).resolve()}) for o in cfg.data.owners]
     data = cfg.data.model_copy(update={"owners": owners})
-    return cfg.model_copy(update={"data": data}), path.resolve()
+    files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()
+             if k in KEY_HOLDER_FILES and v is not None}
+    key_holder = cfg.key_holder.model_copy(update=files)
+    return cfg.model_copy(update={"data": data, "key_holder": key_holder}), path.resolve()
+
+
+KEY_HOLDER_FILES = ("token_file", "tls_ca", "tls_cert", "tls_key")
+# Deployment overrides: the same config file can train in-process or against a service.
+KEY_HOLDER_ENV = {"HETRAIN_KEY_HOLDER_URL": "url", "HETRAIN_KEY_HOLDER_TOKEN_FILE": "token_file"}
+
+
+def _environment_overrides(raw):
+    """key_holder.url and key_holder.token_file from the environment, when set (files relative to the cwd)."""
+    updates = {key: os.environ[env] for env, key in KEY_HOLDER_ENV.items() if os.environ.get(env)}
+    if not updates or not isinstance(raw, dict):
+        return raw
+    if "token_file" in updates:
+        updates["token_file"] = str(Path(updates["token_file"]).resolve())
+    section = raw.get("key_holder")
+    return {**raw, "key_holder": {**(section if isinstance(section, dict) else {}), **updates}}

@@ -33,12 +33,16 @@ class ForeignKeyError(BundleError):
     """A ciphertext or context was made under another key than the key holder's."""
 
 
+class FrameError(BundleError):
+    """A reveal frame (the binary body exchanged with the key-holder service) is malformed."""
+
+
 class PolicyRefusal(HetrainError):
     """The key holder refused a reveal because a policy rule forbids it."""
 
     def __init__(self, rule: str, message: str):
         super().__init__(f"policy rule '{rule}' refused the reveal: {message}")
-        self.rule = rule
+        self.rule, self.detail = rule, message
 
 
 class BudgetExhausted(PolicyRefusal):
@@ -50,3 +54,15 @@ class BudgetExhausted(PolicyRefusal):
 
 class CheckpointError(HetrainError):
     """A checkpoint is missing, torn or does not match this run."""
+
+
+class KeyHolderUnreachable(HetrainError):
+    """The key-holder service did not answer (connection error, timeout or 5xx) after every retry."""
+
+
+class KeyHolderRejected(HetrainError):
+    """The key-holder service refused a request outside the reveal protocol (bad token, body too large)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

@@ -30,6 +30,12 @@ class CkksParams:
         """Largest |value| a depth-1 result can hold and still decrypt correctly."""
         return 2.0 ** (self.coeff_mod_bit_sizes[0] - self.scale_bits - 1)
 
+    @property
+    def max_ciphertext_bytes(self) -> int:
+        """Upper bound on one serialized CKKSVector: two polynomials of N 64-bit words per data prime
+        (a fresh ciphertext; SEAL's compression only shrinks it), plus 4 KiB for the headers."""
+        return 2 * self.poly_modulus_degree * (len(self.coeff_mod_bit_sizes) - 1) * 8 + 4096
+
     def validate(self, needed_depth: int = 1) -> "CkksParams":
         """Refuse insecure or too-shallow parameters with a message naming the limit."""
         n, bits = self.poly_modulus_degree, list(self.coeff_mod_bit_sizes)

@@ -50,9 +50,17 @@ class RevealResponse:
 
 
 class KeyHolderClient(Protocol):
-    """Anything that can answer a reveal request (in-process key holder, later an HTTP client)."""
+    """What the trainer calls: the in-process key holder (flows.runtime.LocalKeyHolderClient) or the
+    key-holder service (mpc_ops.key_holder_client.HttpKeyHolderClient)."""
+
+    def public_context(self) -> bytes: ...
 
     def reveal(self, request: RevealRequest) -> RevealResponse: ...
+
+    def audit_summary(self) -> dict: ...
+
+    @property
+    def decryptions_used(self) -> int: ...
 
 
 def _mask(slots: int, bound: float) -> np.ndarray:

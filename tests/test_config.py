@@ -76,7 +76,7 @@ def test_parse_config_leaves_the_raw_mapping_unchanged(horizontal):
 
 
 @pytest.mark.parametrize("where, key, allowed", [
-    ((), "colour", "ckks, data, model, name, packing, policy, report, seed, train"),
+    ((), "colour", "ckks, data, key_holder, model, name, packing, policy, report, seed, train"),
     (("train",), "epochs", "batch_size, optimizer, patience, rounds, target_accuracy, workers"),
     (("data", "owners", 0), "colour", "features, label, name, path"),
     (("policy", "flooding"), "epsilon", "budget, security_bits"),
@@ -236,6 +236,102 @@ def test_cross_check_error_does_not_dump_the_whole_config(horizontal):
     # Assert
     assert message.count("; got ") == 1
     assert "mean_radius" not in message
+
+
+# ---- key_holder ------------------------------------------------------------------------------
+
+
+def test_key_holder_defaults_to_in_process(horizontal):
+    # Execute
+    cfg = parse_config(horizontal, "cfg.yaml")
+
+    # Assert
+    assert (cfg.key_holder.url, cfg.key_holder.token_file, cfg.key_holder.retries) == (None, None, 3)
+
+
+def test_key_holder_service_config_resolves_its_files_beside_the_config(horizontal, tmp_path):
+    # Prepare
+    horizontal["key_holder"] = {"url": "https://kh.example.org:8443/", "token_file": "secrets/kh.token",
+                                "tls_ca": "ca.pem", "tls_cert": "client.pem", "tls_key": "client.key",
+                                "timeout_s": 5, "retries": 1}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(horizontal))
+
+    # Execute
+    cfg, _ = load_config(path)
+
+    # Assert
+    kh = cfg.key_holder
+    assert (kh.url, kh.timeout_s, kh.retries) == ("https://kh.example.org:8443/", 5.0, 1)
+    assert (kh.token_file, kh.tls_ca, kh.tls_cert, kh.tls_key) == (
+        tmp_path / "secrets/kh.token", tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key")
+
+
+@pytest.mark.parametrize("url", [
+    "127.0.0.1:8765", "ftp://127.0.0.1:8765", "http://127.0.0.1", "http://127.0.0.1:0", "http://127.0.0.1:70000",
+    "http://127.0.0.1:8765/v1", "http://user:pw@127.0.0.1:8765", "http://127.0.0.1:8765?x=1", "http://:8765",
+], ids=["no-scheme", "ftp", "no-port", "port-0", "port-too-big", "path", "userinfo", "query", "no-host"])
+def test_key_holder_url_that_is_not_http_host_port_is_refused_with_the_form_allowed(horizontal, url):
+    # Prepare
+    horizontal["key_holder"] = {"url": url, "token_file": "kh.token"}
+
+    # Execute
+    message = refusal(horizontal)
+
+    # Assert
+    assert message == (f"cfg.yaml: key 'key_holder': key_holder.url must be http://HOST:PORT or https://HOST:PORT "
+                       f"(e.g. http://127.0.0.1:8765); got {url!r}")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"url": "http://127.0.0.1:8765"}, r"key_holder.token_file is required when key_holder.url is set"),
+    ({"token_file": "kh.token"}, r"key_holder.url is required when key_holder sets \['token_file'\]"),
+    ({"url": "http://127.0.0.1:8765", "token_file": "t", "tls_ca": "ca.pem"},
+     r"key_holder \['tls_ca'\] need an https:// url; got 'http://127.0.0.1:8765'"),
+    ({"url": "https://127.0.0.1:8765", "token_file": "t", "tls_cert": "c.pem"},
+     r"key_holder.tls_cert and key_holder.tls_key go together"),
+], ids=["url-without-token", "token-without-url", "tls-over-http", "cert-without-key"])
+def test_inconsistent_key_holder_section_is_refused_naming_the_keys(horizontal, section, message):
+    # Prepare
+    horizontal["key_holder"] = section
+
+    # Execute / Assert
+    assert re.search(message, refusal(horizontal))
+
+
+def test_unknown_key_in_key_holder_lists_the_allowed_keys(horizontal):
+    # Prepare
+    horizontal["key_holder"] = {"host": "127.0.0.1"}
+
+    # Execute / Assert
+    assert refusal(horizontal) == ("cfg.yaml: unknown key 'key_holder.host' (allowed here: backoff_s, retries, "
+                                   "timeout_s, tls_ca, tls_cert, tls_key, token_file, url)")
+
+
+def test_environment_sets_the_key_holder_url_and_token_file(horizontal, tmp_path, monkeypatch):
+    # Prepare: a deployment points an unchanged config at a service; the token path is relative to the cwd
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(horizontal))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HETRAIN_KEY_HOLDER_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("HETRAIN_KEY_HOLDER_TOKEN_FILE", "run/kh.token")
+
+    # Execute
+    cfg, _ = load_config(path)
+
+    # Assert
+    assert (cfg.key_holder.url, cfg.key_holder.token_file) == ("http://127.0.0.1:9000", tmp_path / "run/kh.token")
+
+
+def test_environment_url_is_validated_like_the_config(horizontal, tmp_path, monkeypatch):
+    # Prepare
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(horizontal))
+    monkeypatch.setenv("HETRAIN_KEY_HOLDER_URL", "localhost")
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"key_holder.url must be http://HOST:PORT .*; got 'localhost'"):
+        load_config(path)
 
 
 # ---- files -----------------------------------------------------------------------------------

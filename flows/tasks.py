@@ -106,6 +106,15 @@ def cipher_reveal(rt: Runtime, round_no: int, traffic: Traffic):
     return reveal
 
 
+def job_runner(rt: Runtime):
+    """Where ciphertext jobs run: worker processes of this machine, or Dask tasks (train.compute)."""
+    if rt.cfg.train.compute == "dask":
+        from .dask_jobs import DaskJobRunner
+
+        return DaskJobRunner(rt.paths.public_context, rt.plan.slots, rt.cfg.train.workers)
+    return JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers)
+
+
 def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learner, Learner | None]:
     """The hybrid learner and (if configured) its plaintext twin, freshly initialised."""
     model, twin_model = Model(rt.cfg), Model(rt.cfg)
@@ -114,7 +123,7 @@ def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learne
     clip = dp.clip if dp else None
     hybrid = Learner(model, make_optimizer(rt.cfg),
                      CipherLinear(name, model.input.W, rt.context, rt.plan, rt.cfg.ckks.params().headroom,
-                                  rt.cfg.policy.mask_bound, JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers),
+                                  rt.cfg.policy.mask_bound, job_runner(rt),
                                   gradient_gain_cap=1.0 if dp else None),
                      cipher_reveal(rt, round_no, traffic), dp_clip=clip, cache_frozen=True)
     twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),

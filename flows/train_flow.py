@@ -2,6 +2,7 @@
 `prepare-owner` flow per data owner. Flows pass paths and small metadata, never ciphertexts."""
 
 import time
+from contextlib import ExitStack
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
@@ -11,7 +12,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from mpc_ops.errors import CheckpointError
 from mpc_ops.policy import input_train_rounds
 
-from . import artifacts, checkpoint, progress
+from . import artifacts, checkpoint, dask_jobs, progress
 from .engine import batch_order, input_frozen_in, summarise
 from .runtime import Runtime, forget_key_holders
 from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
@@ -54,16 +55,19 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
                 learner.freeze_input()
     refs = rt.store.batches("train")
     order = batch_order(rt.cfg.seed, round_no, len(refs))
+    # With Dask, the cipher-jobs tasks are submitted from the round flow itself, so the batch
+    # loop runs in the flow rather than inside a task of its own.
+    step = (lambda t, *args: t.fn(*args)) if rt.cfg.train.compute == "dask" else run
     decryptions_before = rt.key_holder.decryptions_used
     results, train_start = [], time.perf_counter()
     for g in range(0, len(order), BATCHES_PER_TASK):
         group = [refs[i] for i in order[g : g + BATCHES_PER_TASK]]
-        results += run(train_batch_group, rt, hybrid, group)
+        results += step(train_batch_group, rt, hybrid, group)
         progress.notify("batch-done", round=round_no, done=len(results), total=len(refs))
     train_seconds = time.perf_counter() - train_start
     loss, train_acc = summarise(results)
     eval_start = time.perf_counter()
-    test_loss, test_acc = summarise(run(evaluate, rt, hybrid))
+    test_loss, test_acc = summarise(step(evaluate, rt, hybrid))
     eval_seconds = time.perf_counter() - eval_start
     row = {
         "round": round_no, "loss": round(loss, 6), "train_accuracy": round(train_acc, 6),
@@ -138,16 +142,22 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     progress_id, reason = None, None
     if rounds:
         reason = _stop_reason(rt.cfg, rounds)
-    for round_no in range(first, rt.cfg.train.rounds + 1):
-        if reason:
-            break
-        with child_flow_settings():
-            row = training_round(config_path, run_dir, round_no)
-        rounds.append(row)
-        progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
-        artifacts.write_metrics(rt.paths.metrics, rounds, {})
-        progress.notify("round-done", row=row, total=rt.cfg.train.rounds)
-        reason = _stop_reason(rt.cfg, rounds)
+    with ExitStack() as stack:
+        round_flow = training_round
+        if rt.cfg.train.compute == "dask":
+            address = stack.enter_context(dask_jobs.dask_cluster(rt.cfg.train.dask_address, rt.cfg.train.workers))
+            round_flow = training_round.with_options(task_runner=dask_jobs.task_runner(address))
+            logger.info("ciphertext jobs run on the Dask scheduler at %s", address)
+        for round_no in range(first, rt.cfg.train.rounds + 1):
+            if reason:
+                break
+            with child_flow_settings():
+                row = round_flow(config_path, run_dir, round_no)
+            rounds.append(row)
+            progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
+            artifacts.write_metrics(rt.paths.metrics, rounds, {})
+            progress.notify("round-done", row=row, total=rt.cfg.train.rounds)
+            reason = _stop_reason(rt.cfg, rounds)
     reason = reason or f"train.rounds={rt.cfg.train.rounds} rounds done"
 
     audit = rt.key_holder.audit_summary()

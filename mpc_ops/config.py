@@ -57,6 +57,9 @@ class TrainConfig(_Strict):
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
     patience: int | None = Field(None, ge=1)
     workers: int = Field(2, ge=1, le=64)  # processes for ciphertext work (capped at the CPU count)
+    # Where ciphertext jobs run: a local process pool, or Dask through prefect-dask's DaskTaskRunner
+    compute: Literal["processes", "dask"] = "processes"
+    dask_address: str | None = Field(None, pattern=r"^(tcp|tls|inproc)://\S+$")  # None: a LocalCluster of `workers`
 
 
 class RevealPoint(_Strict):

@@ -33,6 +33,10 @@ class ForeignKeyError(BundleError):
     """A ciphertext or context was made under another key than the key holder's."""
 
 
+class IsolatedLoadError(BundleError):
+    """Loading untrusted bytes crashed, ran out of memory or hung in the isolated loader process."""
+
+
 class PolicyRefusal(HetrainError):
     """The key holder refused a reveal because a policy rule forbids it."""
 

@@ -40,7 +40,7 @@ def measure(params: CkksParams = CkksParams(), repeat: int = 15) -> dict:
     public = ckks.load_public_context(private.serialize(save_secret_key=False))
     rng = np.random.default_rng(0)
     x = rng.normal(size=slots).clip(-4, 4)
-    fresh = ckks.load_vector(public, ckks.encrypt(public, x), slots)
+    fresh = ckks.load_vector(public, ckks.encrypt(public, x), ckks.fresh_layout(public))
     product = ckks.multiply_plain(fresh, rng.normal(size=slots) * 0.01)
     blob = product.serialize()
     costs = {
@@ -70,7 +70,8 @@ def _reveal_call(tmp: Path, params: CkksParams, repeat: int, costs: dict) -> flo
                           flooding={"security_bits": 30, "budget": 10**9})
     holder = KeyHolder.open_or_create(tmp / "kh", params, policy, {"enc1": LayerShape(64, 1)})
     public = ckks.load_public_context(holder.public_context())
-    blob = ckks.encrypt(public, np.zeros(params.slots))
+    fresh = ckks.load_vector(public, ckks.encrypt(public, np.zeros(params.slots)), ckks.fresh_layout(public))
+    blob = ckks.multiply_plain(fresh, np.ones(params.slots)).serialize()  # revealed blobs are products
 
     def one():
         holder.reveal(RevealRequest("r", holder.key_id, "activation", "enc1", 0, [blob], [32], [128], 64))

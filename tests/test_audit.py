@@ -22,7 +22,8 @@ def run_dir(tmp_path):
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
     holder = KeyHolder.open_or_create(tmp_path / "key_holder", CkksParams(), policy, {"enc1": LayerShape(64, 8)})
     public = ckks.load_public_context(holder.public_context())
-    blob = ckks.encrypt(public, np.zeros(4096))
+    fresh = ckks.load_vector(public, ckks.encrypt(public, np.zeros(4096)), ckks.fresh_layout(public))
+    blob = ckks.multiply_plain(fresh, np.ones(4096)).serialize()  # revealed blobs are products
     ok = RevealRequest("a", holder.key_id, "activation", "enc1", 1, [blob], [32], [4], 64)
     holder.reveal(ok)
     with pytest.raises(PolicyRefusal):

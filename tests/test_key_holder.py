@@ -39,11 +39,17 @@ def keys(tmp_path):
     return make_holder(tmp_path / "key_holder")
 
 
+def product_blob(public, values: np.ndarray) -> bytes:
+    """A ciphertext of `values` after one ct × plain product, the level every revealed blob has."""
+    fresh = ckks.load_vector(public, ckks.encrypt(public, values), ckks.fresh_layout(public))
+    return ckks.multiply_plain(fresh, np.ones(SLOTS)).serialize()
+
+
 def make_request(holder, public, *, kind="gradient", layer="enc1", aggregate=64, n_blobs=1, key_id=None):
     """A reveal request of `n_blobs` real ciphertexts, each holding VALUES in slots 0..3."""
     slots = np.zeros(SLOTS)
     slots[: len(VALUES)] = VALUES
-    blobs = [ckks.encrypt(public, slots) for _ in range(n_blobs)]
+    blobs = [product_blob(public, slots) for _ in range(n_blobs)]
     return RevealRequest(
         request_id=uuid.uuid4().hex, key_id=key_id or holder.key_id, kind=kind, layer=layer, round=0,
         blobs=blobs, stride=[1] * n_blobs, counts=[len(VALUES)] * n_blobs, aggregate=aggregate,

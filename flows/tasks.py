@@ -144,7 +144,7 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
                 continue
             learner.model.load(params)
             learner.optimizer.load_state_dict(_unprefixed(prefix, ckpt.optimizer_state))
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {previous} does not fit the current config (model or optimizer changed?): {exc}; "
             f"resume with the config it was made with, or start a new --run-dir"

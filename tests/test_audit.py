@@ -79,3 +79,39 @@ def test_truncated_tail_is_detected_against_the_recorded_head(run_dir, capsys):
     assert "AuditError" in capsys.readouterr().err
     with pytest.raises(AuditError, match="recorded 3 entries"):
         verify(run_dir / "key_holder")
+
+
+HOSTILE_LINES = {
+    "not JSON": (b"{not json", r"line 2 is not valid JSON"),
+    "a JSON list": (b"[1, 2, 3]", r"line 2: the top level must be a JSON object, got list"),
+    "unhashable decision": (b'{"decision": {"a": 1}}', r"line 2 has decision \{'a': 1\}; allowed: 'allow', 'refuse'"),
+    "invalid UTF-8": (b'{"decision": "\xff"}', r"line 2 is not valid JSON"),
+    "deeply nested": (b"[" * 30_000 + b"]" * 30_000, r"line 2 is not valid JSON"),
+    "overlong line": (b" " * (70 << 10), r"line 2 is longer than 65536 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_a_hostile_audit_line_is_an_audit_error_naming_the_line(run_dir, case):
+    # Prepare
+    log = run_dir / "key_holder" / "audit.jsonl"
+    raw, message = HOSTILE_LINES[case]
+    lines = log.read_bytes().splitlines()
+    log.write_bytes(b"\n".join([lines[0], raw] + lines[2:]) + b"\n")
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match=message):
+        verify(run_dir / "key_holder")
+
+
+@pytest.mark.parametrize("state, message", [
+    (b"[]", r"state.json: the top level must be a JSON object, got list"),
+    (b"\xff", r"state.json is not valid JSON"),
+], ids=["list", "not UTF-8"])
+def test_a_hostile_state_file_is_an_audit_error(run_dir, state, message):
+    # Prepare
+    (run_dir / "key_holder" / "state.json").write_bytes(state)
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match=message):
+        verify(run_dir / "key_holder")

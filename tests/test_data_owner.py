@@ -660,7 +660,7 @@ MANIFEST_EDITS = {
     "a rows blob missing": (lambda m: m["splits"]["train"]["batches"][0]["rows"].clear(),
                             r"train batch 0: 'rows' must list 1 blob entries for 64 samples; got 0"),
     "batch n over twice the batch size": (lambda m: m["splits"]["train"]["batches"][0].update(n=10**9),
-                                          r"train batch 0 is malformed \(needs n in \[1, 256\]\)"),
+                                          r"train batch 0 is malformed \(needs n in \[1, 128\]\)"),
     "split n disagrees with batches": (lambda m: m["splits"]["test"].update(n=m["splits"]["test"]["n"] + 1),
                                        r"test batches hold \d+ samples but the split declares n=\d+"),
     "file name with a NUL byte": (lambda m: m["splits"]["train"]["batches"][0]["rows"][0].update(file="a\0b"),

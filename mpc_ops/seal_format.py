@@ -138,6 +138,9 @@ def check_ciphertext(seal: bytes, layout: CiphertextLayout) -> None:
         )
     data = body[_META.size:]
     _check_header(data, "coefficient array", len(data), (0,))
+    if data[3:5] != seal[3:5]:
+        raise BundleError(f"ciphertext blob: the coefficient array has SEAL version {data[3]}.{data[4]}, the "
+                          f"ciphertext {seal[3]}.{seal[4]}; both come from one SEAL")
     (count,) = _COUNT.unpack_from(data, HEADER_SIZE)
     if count != layout.coefficient_count:
         raise BundleError(

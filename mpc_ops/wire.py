@@ -97,6 +97,9 @@ def check(blob: bytes, layout: CiphertextLayout) -> VectorBlob:
     if isinstance(blob, (bytes, bytearray)) and len(blob) > limit:
         raise BundleError(f"ciphertext blob: {len(blob)} bytes, over the limit of {limit} for layout '{layout.name}'")
     parts = parse(blob, max_slots=layout.slots)
+    if parts.size != layout.slots:  # every hetrain vector is a full slot vector; a reveal names its slots
+        raise BundleError(f"ciphertext blob: logical size is {parts.size}; layout '{layout.name}' needs all "
+                          f"{layout.slots} slots")
     if parts.scale != layout.scale:
         raise BundleError(
             f"ciphertext blob: TenSEAL scale is {parts.scale!r}; layout '{layout.name}' needs {layout.scale!r}"

@@ -223,6 +223,8 @@ SEAL_MALFORMED = {
                                   r"compressed payload is corrupt"),
     "second zstd frame": (lambda b: _with_seal(b, _append_frame(wire.parse(b, max_slots=SLOTS).seal_ciphertext)), r"and trailing data"),
     "TenSEAL scale": (lambda b: _with(b, scale=2.0**40), r"TenSEAL scale is 1099511627776\.0; layout 'fresh' needs 1125899906842624\.0"),
+    "logical size below the slots": (lambda b: _with(b, size=4064), r"logical size is 4064; layout 'fresh' needs all 4096 slots"),
+    "SEAL minor version differs": (lambda b: _with_seal(b, _header_byte(b, 4, 9)), r"coefficient array has SEAL version 4\.\d+, the ciphertext 4\.9"),
     "oversized blob": (lambda b: b + b"\0" * 300_000, r"ciphertext blob: 551\d+ bytes, over the limit of 528578 for layout 'fresh'"),
 }
 

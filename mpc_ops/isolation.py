@@ -76,7 +76,8 @@ def probe_context(data: bytes, what: str = "public context") -> ContextFacts:
                                 f"loader; refusing it") from None
     if done.returncode < 0:
         name = signal.Signals(-done.returncode).name
-        raise IsolatedLoadError(f"{what}: loading it crashed the isolated loader ({name}); refusing it")
+        raise IsolatedLoadError(f"{what}: loading it crashed the isolated loader ({name}, memory limit "
+                                f"{limit >> 20} MiB); refusing it")
     if done.returncode == _EXIT_MEMORY:
         raise IsolatedLoadError(f"{what}: loading {len(data)} bytes needed more than the isolated loader's "
                                 f"{limit >> 20} MiB of memory; refusing it")
@@ -94,6 +95,8 @@ def probe_context(data: bytes, what: str = "public context") -> ContextFacts:
 
 
 def _child(limit: int) -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)  # never above an inherited cap
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     data = sys.stdin.buffer.read()
     try:

@@ -6,6 +6,7 @@ only uncompressed members and plain numeric arrays whose declared shape matches 
 """
 
 import io
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def read_npy(data: bytes, what: str, error: type[Exception], kinds: str = NUMERI
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=MAX_HEADER_BYTES)
         else:
             raise ValueError(f"format version {version[0]}.{version[1]}; allowed: 1.0, 2.0")
-    except (ValueError, EOFError, TypeError, SyntaxError) as exc:
+    except (ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header
         raise error(f"{what}: not a valid .npy array ({str(exc)[:200]})") from None
     if dtype.kind not in kinds or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise error(f"{what}: dtype {dtype} is not allowed (allowed kinds: {kinds!r}, no records or objects)")

@@ -314,7 +314,8 @@ def test_checkpoint_reader_refuses_or_accepts_any_edit_of_a_round(setup, tmp_pat
     elif choice == "npz_bits":
         edit = _npz_flip(data.draw(st.lists(st.integers(0, 8 * 2000), min_size=1, max_size=4)))
     else:
-        name = data.draw(st.text(st.characters(exclude_characters="\x00/"), max_size=12))  # zipfile's writer limits
+        names = st.characters(exclude_categories=["Cs"], exclude_characters="\x00/")  # what zipfile can write
+        name = data.draw(st.text(names, max_size=12))
         edit = _forged_npz({name + ".npy": data.draw(st.binary(max_size=200))})
 
     # Execute / Assert

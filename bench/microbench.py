@@ -37,10 +37,10 @@ def measure(params: CkksParams = CkksParams(), repeat: int = 15) -> dict:
                          coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
     private.global_scale = 2.0**params.scale_bits
     private.generate_galois_keys()
-    public = ckks.load_public_context(private.serialize(save_secret_key=False))
+    public = ckks.load_public_context(private.serialize(save_secret_key=False), isolate=False)  # our own bytes
     rng = np.random.default_rng(0)
     x = rng.normal(size=slots).clip(-4, 4)
-    fresh = ckks.load_vector(public, ckks.encrypt(public, x), slots)
+    fresh = ckks.load_vector(public, ckks.encrypt(public, x), ckks.fresh_layout(public))
     product = ckks.multiply_plain(fresh, rng.normal(size=slots) * 0.01)
     blob = product.serialize()
     costs = {
@@ -69,8 +69,9 @@ def _reveal_call(tmp: Path, params: CkksParams, repeat: int, costs: dict) -> flo
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=1,
                           flooding={"security_bits": 30, "budget": 10**9})
     holder = KeyHolder.open_or_create(tmp / "kh", params, policy, {"enc1": LayerShape(64, 1)})
-    public = ckks.load_public_context(holder.public_context())
-    blob = ckks.encrypt(public, np.zeros(params.slots))
+    public = ckks.load_public_context(holder.public_context(), isolate=False)  # our own key holder
+    fresh = ckks.load_vector(public, ckks.encrypt(public, np.zeros(params.slots)), ckks.fresh_layout(public))
+    blob = ckks.multiply_plain(fresh, np.ones(params.slots)).serialize()  # revealed blobs are products
     rows, weights = [f"{i:024x}" for i in range(128)], hashlib.sha256(b"w").hexdigest()
 
     def one():  # the same rows and weights each time: the ledger records, but no rank is added

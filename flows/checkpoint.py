@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mpc_ops import store
+from mpc_ops import npyfile, store
 from mpc_ops.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+MAX_STATE_BYTES = 64 << 20  # state.json: RNG state, lineage and the metrics history
+MAX_ARRAYS_BYTES = 4 << 30  # params.npz / optimizer.npz
 _ROUND_DIR = re.compile(r"round-(\d{5,})")
 _TEMP_GLOBS = (".round-*.tmp-*", ".old-*")
 
@@ -94,21 +96,32 @@ def save_checkpoint(root: Path, round_no: int, *, params: dict[str, np.ndarray],
     return final
 
 
+def _check_state(path: Path, state: dict) -> None:
+    """state.json holds every field load_checkpoint uses, with the type it needs."""
+    fields = {"round": int, "sha256": dict, "rng_state": dict, "lineage": dict, "extra": dict, "optimizer_scalars": list}
+    wrong = [k for k, kind in fields.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: state.json lacks or mistypes {wrong} (needs round: int, sha256, "
+                              f"rng_state, lineage, extra: objects, optimizer_scalars: list)")
+    if not all(isinstance(k, str) for k in state["optimizer_scalars"]):
+        raise CheckpointError(f"checkpoint {path}: state.json optimizer_scalars must list parameter names (strings)")
+
+
 def _verify(path: Path) -> dict:
     """Return the parsed state.json of `path` after checking both digests; raise CheckpointError otherwise."""
     state_file = path / "state.json"
-    try:
-        state = json.loads(state_file.read_text())
-        digests, round_no = state["sha256"], state["round"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {state_file.name} is missing or unreadable: {exc}") from exc
+    data = store.read_bounded(state_file, MAX_STATE_BYTES, f"checkpoint {path}: state.json", CheckpointError)
+    state = store.parse_json(data, f"checkpoint {path}: {state_file.name}", CheckpointError)
+    _check_state(path, state)
+    digests, round_no = state["sha256"], state["round"]
     for fname in ("params.npz", "optimizer.npz"):
         try:
             actual = store.sha256_file(path / fname)
         except OSError as exc:
             raise CheckpointError(f"checkpoint {path}: {fname} is missing: {exc}") from exc
         if actual != digests.get(fname):
-            raise CheckpointError(f"checkpoint {path}: {fname} has sha256 {actual}, state.json expects {digests.get(fname)}")
+            raise CheckpointError(f"checkpoint {path}: {fname} has sha256 {actual}, state.json expects "
+                                  f"{str(digests.get(fname))[:80]}")
     match = _ROUND_DIR.fullmatch(path.name)
     if match is None or int(match.group(1)) != round_no:
         raise CheckpointError(f"checkpoint {path}: state.json says round {round_no}, the directory name disagrees")
@@ -116,8 +129,7 @@ def _verify(path: Path) -> dict:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    return npyfile.read_npz(path, f"checkpoint file {path}", CheckpointError, MAX_ARRAYS_BYTES, kinds="biufU")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -126,6 +138,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     state = _verify(path)
     optimizer_state: dict = _read_npz(path / "optimizer.npz")
     for key in state["optimizer_scalars"]:  # 0-d arrays back to the python int/float/bool they were
+        if key not in optimizer_state or optimizer_state[key].ndim != 0:
+            raise CheckpointError(f"checkpoint {path}: optimizer scalar {key!r:.80} is not a 0-d array in optimizer.npz")
         optimizer_state[key] = optimizer_state[key].item()
     return Checkpoint(round=state["round"], params=_read_npz(path / "params.npz"), optimizer_state=optimizer_state,
                       rng_state=state["rng_state"], lineage=state["lineage"], extra=state["extra"], path=path)

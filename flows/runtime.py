@@ -21,6 +21,7 @@ import tenseal as ts
 from mpc_ops import ckks, store
 from mpc_ops.bundle import ExchangeStore
 from mpc_ops.config import KeyHolderConfig, RunConfig, load_config
+from mpc_ops.errors import BundleError
 from mpc_ops.key_holder_client import HttpKeyHolderClient
 from mpc_ops.packing import PackingPlan
 from mpc_ops.planner import LayerShape, plan_layer
@@ -137,7 +138,8 @@ class Runtime:
     @cached_property
     def context(self) -> ts.Context:
         """The public context: the trainer never holds a secret key."""
-        return ckks.load_public_context(self.paths.public_context.read_bytes())
+        data = store.read_bounded(self.paths.public_context, ckks.MAX_CONTEXT_BYTES, "public context", BundleError)
+        return ckks.load_public_context(data, params=self.cfg.ckks.params())
 
     @cached_property
     def key_id(self) -> str:

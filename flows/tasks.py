@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from mpc_ops.bundle import BatchRef
 from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
-from mpc_ops.errors import CheckpointError, HetrainError
+from mpc_ops import ckks, store
+from mpc_ops.errors import BundleError, CheckpointError, HetrainError
 from mpc_ops.jobs import JobRunner
 from mpc_ops.reveal import RevealRequest, RevealResponse, blind, unblind
 from mpc_ops.tensors import PlainBatch
@@ -57,8 +58,8 @@ def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
     """Validate, standardise and encrypt one owner's table into the exchange store."""
     owner_cfg = next(o for o in rt.cfg.data.owners if o.name == owner)
     twin_dir = rt.paths.owners / owner if rt.cfg.report.plaintext_twin else None
-    manifest = data_owner.prepare(rt.cfg, owner_cfg, rt.paths.public_context.read_bytes(), rt.plan,
-                                  rt.paths.exchange, twin_dir)
+    public = store.read_bounded(rt.paths.public_context, ckks.MAX_CONTEXT_BYTES, "public context", BundleError)
+    manifest = data_owner.prepare(rt.cfg, owner_cfg, public, rt.plan, rt.paths.exchange, twin_dir)
     blobs = data_owner.ciphertext_entries(manifest)
     return {"owner": owner, "reused": manifest["reused"], "bytes": sum(e["bytes"] for e in blobs),
             "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
@@ -170,7 +171,7 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
             learner.optimizer.load_state_dict(_unprefixed(prefix, ckpt.optimizer_state))
         if ckpt.extra.get("data") == rt.data_digest():  # cached outputs are only valid for the same data
             _restore_cache(hybrid, ckpt.params)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {previous} does not fit the current config (model or optimizer changed?): {exc}; "
             f"resume with the config it was made with, or start a new --run-dir"

@@ -8,8 +8,10 @@ import hashlib
 import numpy as np
 import tenseal as ts
 
-from . import wire
-from .errors import BundleError, ForeignKeyError
+from . import isolation, wire
+from .errors import BundleError, ForeignKeyError, SecurityParameterError
+from .params import CkksParams
+from .seal_format import CiphertextLayout
 
 
 def key_id(context: ts.Context) -> str:
@@ -20,21 +22,66 @@ def key_id(context: ts.Context) -> str:
     return "k-" + hashlib.sha256(public).hexdigest()[:32]
 
 
-def load_public_context(data: bytes, *, expected_key_id: str | None = None) -> ts.Context:
-    """Load a context that must be public; refuse one that carries a secret key."""
+MAX_CONTEXT_BYTES = 512 << 20  # N=16384 with every Galois key is ~250 MB
+
+
+def load_public_context(data: bytes, *, expected_key_id: str | None = None, params: CkksParams | None = None,
+                        isolate: bool = True) -> ts.Context:
+    """Load a context that must be public; refuse one that carries a secret key or other parameters.
+
+    The first load of untrusted bytes runs in a memory-limited child process (mpc_ops.isolation), so a
+    context that crashes TenSEAL or exhausts memory is refused instead of killing this process. Pass
+    isolate=False only for bytes this process serialized itself.
+    """
+    if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= MAX_CONTEXT_BYTES:
+        size = len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__
+        raise BundleError(f"public context: must be 1..{MAX_CONTEXT_BYTES} bytes, got {size}")
+    if isolate:
+        _check_facts(isolation.probe_context(bytes(data)), params)
     try:
-        context = ts.context_from(data)
+        context = ts.context_from(bytes(data))
     except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError on junk
         raise BundleError(f"public context: cannot be parsed ({exc})") from None
-    if context.is_private():
-        raise BundleError(
-            "public context: it carries a secret key; only the key holder may load a private context"
-        )
+    _check_facts(isolation.context_facts(context), params)
     if expected_key_id is not None and key_id(context) != expected_key_id:
         raise ForeignKeyError(
             f"public context has key id {key_id(context)}, expected {expected_key_id}"
         )
     return context
+
+
+def _check_facts(facts: isolation.ContextFacts, params: CkksParams | None) -> None:
+    if facts.private:
+        raise BundleError(
+            "public context: it carries a secret key; only the key holder may load a private context"
+        )
+    if params is None:
+        return
+    want = (params.poly_modulus_degree, params.coeff_mod_bit_sizes, 2.0**params.scale_bits, True)
+    got = (facts.poly_modulus_degree, facts.coeff_mod_bit_sizes, facts.global_scale, facts.galois_keys)
+    if got != want:
+        raise BundleError(
+            f"public context: poly_modulus_degree {got[0]}, coeff_mod_bit_sizes {list(got[1])}, scale {got[2]}, "
+            f"Galois keys {got[3]}; the config needs {want[0]}, {list(want[1])}, 2^{params.scale_bits} and Galois keys"
+        )
+
+
+def fresh_layout(context: ts.Context) -> CiphertextLayout:
+    """A ciphertext as an owner encrypts it: every prime but the special one, scale 2^scale_bits."""
+    return _layout("fresh", context, context.seal_context().data.first_context_data())
+
+
+def product_layout(context: ts.Context) -> CiphertextLayout:
+    """A ciphertext after one plaintext product and rescale (what the key holder decrypts): one prime fewer."""
+    level = context.seal_context().data.first_context_data().next_context_data()
+    if level is None:
+        raise SecurityParameterError("the CKKS context has no level left after one multiplication")
+    return _layout("product", context, level)
+
+
+def _layout(name: str, context: ts.Context, level) -> CiphertextLayout:
+    return CiphertextLayout(name, level.parms().poly_modulus_degree(), tuple(level.parms_id()),
+                            level.chain_index() + 1, float(context.global_scale))
 
 
 def slot_count(context: ts.Context) -> int:
@@ -47,10 +94,13 @@ def encrypt(context: ts.Context, values: np.ndarray) -> bytes:
     return ts.ckks_vector(context, np.asarray(values, dtype=np.float64).tolist()).serialize()
 
 
-def load_vector(context: ts.Context, blob: bytes, slots: int) -> ts.CKKSVector:
-    """Validate a ciphertext blob's structure, then deserialize it against `context`."""
-    wire.parse(blob, max_slots=slots)
-    return ts.ckks_vector_from(context, blob)
+def load_vector(context: ts.Context, blob: bytes, layout: CiphertextLayout) -> ts.CKKSVector:
+    """Check a ciphertext blob's structure, level and scale against `layout`, then deserialize it."""
+    wire.check(blob, layout)
+    try:
+        return ts.ckks_vector_from(context, bytes(blob))
+    except (RuntimeError, ValueError, TypeError) as exc:  # SEAL's own checks, e.g. a coefficient >= its prime
+        raise BundleError(f"ciphertext blob: TenSEAL refused it ({exc})") from None
 
 
 def segment_sum(context: ts.Context, vector: ts.CKKSVector, seg: int, slots: int) -> ts.CKKSVector:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from . import store
 from .errors import ConfigError, SecurityParameterError
 from .params import CkksParams
 
@@ -272,7 +273,7 @@ def format_errors(exc: ValidationError, source: str) -> str:
     """One line per problem: the key, what is allowed, and the value received."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(f"{p!s:.60}" for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(RunConfig, err["loc"])
             lines.append(f"{source}: unknown key '{loc}' (allowed here: {', '.join(allowed)})")
@@ -282,7 +283,7 @@ def format_errors(exc: ValidationError, source: str) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             received = err.get("input")
             # Cross-checks get the whole mapping as input; their message already names the value.
-            got = "" if not err["loc"] or isinstance(received, dict) else f"; got {received!r}"
+            got = "" if not err["loc"] or isinstance(received, dict) else f"; got {received!r:.200}"
             lines.append(f"{source}: key '{loc}': {msg}{got}")
     return "\n".join(lines)
 
@@ -297,16 +298,43 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(format_errors(exc, source)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases: a config never needs them, and an alias bomb
+    (a few lines that expand to billions of nodes) would hang validation and error formatting."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a config")
+        if getattr(self.peek_event(), "anchor", None) is not None:
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML anchors (&name) are not allowed in a config")
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     """Read and validate a YAML config; owner paths are resolved relative to the config's folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    source = store.read_bounded(path, MAX_CONFIG_BYTES, "config file", ConfigError)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(source.decode("utf-8"), Loader=_NoAliasLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:  # the composer recurses once per nesting level
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    cfg = parse_config(_environment_overrides(raw), str(path))
+        raise ConfigError(f"{path}: not valid YAML ({str(exc)[:300]})") from None
+    try:
+        cfg = parse_config(_environment_overrides(raw), str(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to validate") from None
     owners = [o.model_copy(update={"path": (path.parent / o.path).resolve()}) for o in cfg.data.owners]
     data = cfg.data.model_copy(update={"owners": owners})
     files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()

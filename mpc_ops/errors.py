@@ -37,6 +37,10 @@ class FrameError(BundleError):
     """A reveal frame (the binary body exchanged with the key-holder service) is malformed."""
 
 
+class IsolatedLoadError(BundleError):
+    """Loading untrusted bytes crashed, ran out of memory or hung in the isolated loader process."""
+
+
 class PolicyRefusal(HetrainError):
     """The key holder refused a reveal because a policy rule forbids it."""
 

@@ -20,7 +20,8 @@ Job = tuple[list[tuple[int, "np.ndarray | float"]], int]
 
 def run_jobs(context: ts.Context, slots: int, blobs: list[bytes], jobs: list[Job]) -> list[bytes]:
     """Execute jobs against the blobs; return one serialized ciphertext per job."""
-    loaded = [ckks.load_vector(context, b, slots) for b in blobs]
+    layout = ckks.fresh_layout(context)  # jobs read owners' blobs, which are fresh encryptions
+    loaded = [ckks.load_vector(context, b, layout) for b in blobs]
     out = []
     for terms, width in jobs:
         acc = None
@@ -41,7 +42,7 @@ _worker_context: ts.Context | None = None
 
 def _init_worker(public_context: bytes) -> None:
     global _worker_context
-    _worker_context = ckks.load_public_context(public_context)
+    _worker_context = ckks.load_public_context(public_context, isolate=False)  # the trainer's own bytes
 
 
 def _ready(pause: float) -> bool:

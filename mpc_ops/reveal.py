@@ -13,8 +13,13 @@ from typing import Protocol
 import numpy as np
 import tenseal as ts
 
-from . import ckks, flooding
+from . import ckks, flooding, wire
+from .errors import BundleError
+from .seal_format import CiphertextLayout
 from .tensors import EncryptedTensor
+
+MAX_REQUEST_BLOBS = 4096  # a layer has at most 4096 outputs (config), each one blob per chunk and owner
+_TEXT_FIELDS = {"request_id": 128, "key_id": 64, "kind": 32, "layer": 64}
 
 
 @dataclass
@@ -49,6 +54,43 @@ class RevealResponse:
     extra: dict = field(default_factory=dict)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_request(request: RevealRequest, layout: CiphertextLayout) -> None:
+    """Raise BundleError unless every field of a reveal request has the type and range the key holder
+    relies on, and every blob is one ciphertext of `layout`; nothing here decrypts or charges the budget."""
+    if not isinstance(request, RevealRequest):
+        raise BundleError(f"reveal request: expected a RevealRequest, got {type(request).__name__}")
+    for name, limit in _TEXT_FIELDS.items():
+        value = getattr(request, name)
+        if not isinstance(value, str) or not 0 < len(value) <= limit:
+            raise BundleError(f"reveal request: '{name}' must be a string of 1..{limit} characters, got {value!r:.80}")
+    for name, high in (("round", 10**9), ("aggregate", 2**31)):
+        value = getattr(request, name)
+        if not _is_int(value) or not 0 <= value <= high:
+            raise BundleError(f"reveal request: '{name}' must be an int in [0, {high}], got {value!r:.80}")
+    blobs, stride, counts = request.blobs, request.stride, request.counts
+    if not all(isinstance(v, list) for v in (blobs, stride, counts)):
+        raise BundleError("reveal request: 'blobs', 'stride' and 'counts' must be lists, got "
+                          f"{type(blobs).__name__}, {type(stride).__name__}, {type(counts).__name__}")
+    n = len(blobs)
+    if not (len(stride) == len(counts) == n) or not 1 <= n <= MAX_REQUEST_BLOBS:
+        raise BundleError(f"reveal request: {n} blobs but {len(stride)} strides and {len(counts)} counts "
+                          f"(allowed: equal lengths of 1..{MAX_REQUEST_BLOBS})")
+    slots = layout.slots
+    for b, (s, c) in enumerate(zip(stride, counts)):
+        if not (_is_int(s) and _is_int(c)) or s < 1 or c < 1 or s * (c - 1) >= slots:
+            raise BundleError(f"reveal request: blob {b}: stride {s!r:.40} × count {c!r:.40} does not fit "
+                              f"{slots} slots (needs ints >= 1 with stride × (count - 1) < {slots})")
+    for b, blob in enumerate(blobs):
+        try:
+            wire.check(blob, layout)
+        except BundleError as exc:
+            raise BundleError(f"reveal request: blob {b}: {exc}") from None
+
+
 class KeyHolderClient(Protocol):
     """What the trainer calls: the in-process key holder (flows.runtime.LocalKeyHolderClient) or the
     key-holder service (mpc_ops.key_holder_client.HttpKeyHolderClient)."""
@@ -72,10 +114,10 @@ def blind(enc: EncryptedTensor, context: ts.Context, *, key_id: str, round_no: i
           mask_bound: float) -> tuple[RevealRequest, list[np.ndarray]]:
     """Mask every slot of every blob; return the request and the masks to subtract later."""
     slots = ckks.slot_count(context)
-    blobs, masks = [], []
+    blobs, masks, layout = [], [], ckks.product_layout(context)
     for blob, stride, count in zip(enc.blobs, enc.stride, enc.counts):
         r = _mask(slots, mask_bound)
-        vector = ckks.load_vector(context, blob, slots)
+        vector = ckks.load_vector(context, blob, layout)
         blobs.append(ckks.add_plain(vector, r).serialize())
         masks.append(r[: stride * count : stride])
     request = RevealRequest(

@@ -23,6 +23,7 @@ from .reveal import RevealRequest
 LEDGER_FILE = "reveal_ledger.json"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _ROW = re.compile(r"^[0-9a-f]{8,64}$")
+MAX_ROWS = 1 << 16
 
 
 class RevealLedger:
@@ -38,8 +39,12 @@ class RevealLedger:
     def check(self, request: RevealRequest) -> None:
         """Raise PolicyRefusal if the request is not tied to its rows or would exceed a rank limit."""
         rows = request.rows
-        if not isinstance(rows, list) or not all(isinstance(r, str) and _ROW.match(r) for r in rows):
-            raise BundleError("reveal request: 'rows' must be a list of hex sample pseudonyms (8-64 characters)")
+        if not isinstance(request.weights, str) or len(request.weights) > 64:
+            raise BundleError("reveal request: 'weights' must be a string of at most 64 hex digits")
+        if not isinstance(rows, list) or len(rows) > MAX_ROWS \
+                or not all(isinstance(r, str) and _ROW.match(r) for r in rows):
+            raise BundleError(f"reveal request: 'rows' must be a list of at most {MAX_ROWS} hex sample "
+                              f"pseudonyms (8-64 characters)")
         if len(set(rows)) != len(rows):
             raise BundleError(f"reveal request: 'rows' names {len(rows) - len(set(rows))} sample(s) twice")
         shape = self.shapes[request.layer]

@@ -49,3 +49,31 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_bounded(path: Path, limit: int, what: str, error: type[Exception]) -> bytes:
+    """Read a file of at most `limit` bytes; raise `error` naming the file if it is missing or larger."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit or not path.is_file():
+            raise error(f"{what} {path} is {size} bytes or not a regular file; the limit is {limit} bytes")
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{what} {path} grew past the limit of {limit} bytes while it was read")
+    return data
+
+
+def parse_json(data: bytes, what: str, error: type[Exception], top: type = dict):
+    """Parse JSON bytes whose top level must be a `top`; raise `error` on anything else."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, or nesting too deep to parse
+        raise error(f"{what} is not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
+    if not isinstance(obj, top):
+        raise error(f"{what}: the top level must be a JSON {'object' if top is dict else top.__name__}, "
+                    f"got {type(obj).__name__}")
+    return obj

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import BundleError
+from .seal_format import CiphertextLayout, check_ciphertext
 
 SEAL_MAGIC = b"\x5e\xa1"
 SEAL_HEADER_SIZE = 16
@@ -88,6 +89,23 @@ def parse(blob: bytes, *, max_slots: int) -> VectorBlob:
     if not (2.0**10 <= scale <= 2.0**120):
         raise BundleError(f"ciphertext blob: scale must be in [2^10, 2^120], got {scale!r}")
     return VectorBlob(size=size, seal_ciphertext=seal, scale=scale)
+
+
+def check(blob: bytes, layout: CiphertextLayout) -> VectorBlob:
+    """Parse a blob and check that it is one ciphertext of `layout` (degree, level, scale), before TenSEAL sees it."""
+    limit = 2 * layout.payload_size + 4096  # zstd never grows random coefficients by more than a few bytes
+    if isinstance(blob, (bytes, bytearray)) and len(blob) > limit:
+        raise BundleError(f"ciphertext blob: {len(blob)} bytes, over the limit of {limit} for layout '{layout.name}'")
+    parts = parse(blob, max_slots=layout.slots)
+    if parts.size != layout.slots:  # every hetrain vector is a full slot vector; a reveal names its slots
+        raise BundleError(f"ciphertext blob: logical size is {parts.size}; layout '{layout.name}' needs all "
+                          f"{layout.slots} slots")
+    if parts.scale != layout.scale:
+        raise BundleError(
+            f"ciphertext blob: TenSEAL scale is {parts.scale!r}; layout '{layout.name}' needs {layout.scale!r}"
+        )
+    check_ciphertext(parts.seal_ciphertext, layout)
+    return parts
 
 
 def build(parts: VectorBlob) -> bytes:

@@ -1,13 +1,15 @@
 """Verify the key holder's hash-chained audit log: an edited, deleted or truncated entry is found."""
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpc_ops import store
 from mpc_ops.errors import HetrainError
 
 GENESIS = "0" * 64
+MAX_LINE_BYTES = 64 << 10  # an entry is a few hundred bytes; a refusal message at most a few KB
+MAX_STATE_BYTES = 1 << 20
 
 
 class AuditError(HetrainError):
@@ -22,6 +24,27 @@ class AuditReport:
     head: str
 
 
+def _lines(log: Path):
+    """(number, raw line without its newline) for each line of the log, each at most MAX_LINE_BYTES."""
+    if not log.exists():
+        return
+    with open(log, "rb") as fh:
+        number = 0
+        while line := fh.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise AuditError(f"{log}: line {number} is longer than {MAX_LINE_BYTES} bytes; the key holder "
+                                 f"never writes such a line")
+            yield number, line.removesuffix(b"\n")
+
+
+def _entry(log: Path, number: int, raw: bytes) -> dict:
+    entry = store.parse_json(raw, f"{log}: line {number}", AuditError)
+    if entry.get("decision") not in ("allow", "refuse"):
+        raise AuditError(f"{log}: line {number} has decision {entry.get('decision')!r:.60}; allowed: 'allow', 'refuse'")
+    return entry
+
+
 def verify(key_holder_dir: Path) -> AuditReport:
     """Walk audit.jsonl: every `prev` must be the SHA-256 of the line before, every `seq` the next
     number, and the last line's hash must equal the head recorded in state.json."""
@@ -29,27 +52,24 @@ def verify(key_holder_dir: Path) -> AuditReport:
     log, state_path = directory / "audit.jsonl", directory / "state.json"
     if not state_path.is_file():
         raise AuditError(f"{state_path} is missing: not a key holder directory")
-    state = json.loads(state_path.read_text())
-    lines = log.read_text().splitlines() if log.exists() else []
-    prev, counts = GENESIS, {"allow": 0, "refuse": 0}
-    for number, line in enumerate(lines, start=1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            raise AuditError(f"{log}: line {number} is not JSON") from None
+    state = store.parse_json(store.read_bounded(state_path, MAX_STATE_BYTES, "key holder state", AuditError),
+                             f"{state_path}", AuditError)
+    prev, counts, entries = GENESIS, {"allow": 0, "refuse": 0}, 0
+    for number, raw in _lines(log):
+        entry = _entry(log, number, raw)
         if entry.get("prev") != prev:
             raise AuditError(
-                f"{log}: line {number} (seq {entry.get('seq')}) does not chain to the line before: "
+                f"{log}: line {number} (seq {entry.get('seq')!r:.40}) does not chain to the line before: "
                 f"an entry before it was edited, deleted or reordered"
             )
         if entry.get("seq") != number:
-            raise AuditError(f"{log}: line {number} has seq {entry.get('seq')}, expected {number}")
-        counts[entry.get("decision")] = counts.get(entry.get("decision"), 0) + 1
-        prev = hashlib.sha256(line.encode()).hexdigest()
-    if prev != state.get("audit_head", GENESIS) or len(lines) != state.get("audit_seq", 0):
+            raise AuditError(f"{log}: line {number} has seq {entry.get('seq')!r:.40}, expected {number}")
+        counts[entry["decision"]] += 1
+        prev, entries = hashlib.sha256(raw).hexdigest(), number
+    if prev != state.get("audit_head", GENESIS) or entries != state.get("audit_seq", 0):
         raise AuditError(
-            f"{log}: ends at entry {len(lines)} with hash {prev[:16]}…, but the key holder recorded "
-            f"{state.get('audit_seq', 0)} entries ending in {str(state.get('audit_head'))[:16]}…: "
+            f"{log}: ends at entry {entries} with hash {prev[:16]}…, but the key holder recorded "
+            f"{state.get('audit_seq', 0)!r:.40} entries ending in {str(state.get('audit_head'))[:16]}…: "
             f"the last entries were removed or edited"
         )
-    return AuditReport(len(lines), counts["allow"], counts["refuse"], prev)
+    return AuditReport(entries, counts["allow"], counts["refuse"], prev)

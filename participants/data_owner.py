@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mpc_ops import ckks, store
+from mpc_ops.bundle import MAX_MANIFEST_BYTES
 from mpc_ops.config import OwnerConfig, RunConfig
 from mpc_ops.errors import SchemaError
 from mpc_ops.packing import FEATURE_CLIP, PackingPlan
@@ -57,7 +58,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
 
     Re-encrypts only if the table, the key or the layout changed since the last bundle.
     """
-    context = ckks.load_public_context(public_context)
+    context = ckks.load_public_context(public_context, params=cfg.ckks.params())
     key_id = ckks.key_id(context)
     out = Path(exchange_dir) / owner.name
     data_sha256 = store.sha256_file(owner.path) if owner.path.is_file() else ""
@@ -121,15 +122,16 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
 
 def _reusable(out: Path, key: str, twin_dir: Path | None, owner: str) -> dict | None:
     """The existing manifest if it was made from the same inputs and all its files are intact."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("bundle_key") != key:
-        return None
-    entries = ciphertext_entries(manifest)
-    entries += [s["ids"] for s in manifest["splits"].values()] + list((manifest.get("labels") or {}).values())
-    if not all((out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in entries):
+    try:  # the exchange store is untrusted: anything odd in the old manifest means "re-encrypt"
+        manifest = store.parse_json(store.read_bounded(out / MANIFEST, MAX_MANIFEST_BYTES, "manifest", SchemaError),
+                                    "manifest", SchemaError)
+        if manifest.get("bundle_key") != key:
+            return None
+        entries = ciphertext_entries(manifest)
+        entries += [s["ids"] for s in manifest["splits"].values()] + list((manifest.get("labels") or {}).values())
+        if not all((out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in entries):
+            return None
+    except (SchemaError, OSError, KeyError, TypeError, AttributeError, ValueError):
         return None
     if twin_dir is not None:
         twin = twin_dir / f"{owner}.npz"

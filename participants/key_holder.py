@@ -18,7 +18,7 @@ from mpc_ops.config import PolicyConfig
 from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
 from mpc_ops.params import CkksParams
 from mpc_ops.policy import LayerShape, check_reveal
-from mpc_ops.reveal import RevealRequest, RevealResponse
+from mpc_ops.reveal import RevealRequest, RevealResponse, check_request
 from mpc_ops.reveal_ledger import LEDGER_FILE, RevealLedger
 
 SECRET_FILE = "secret_context.bin"
@@ -32,6 +32,13 @@ def _params_record(params: CkksParams) -> dict:
             "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes), "scale_bits": params.scale_bits}
 
 
+def _plain(value):
+    """A request field as the audit log may record it: a short JSON scalar, else a truncated repr."""
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 200):
+        return value
+    return repr(value)[:200]
+
+
 class KeyHolder:
     """Holds the secret key, the decryption budget and the audit log."""
 
@@ -40,6 +47,7 @@ class KeyHolder:
         self.directory, self._context, self.params = Path(directory), context, params
         self.policy, self.shapes = policy, shapes
         self.key_id = ckks.key_id(context)
+        self._layout = ckks.product_layout(context)  # every revealed blob went through one ct × plain product
         state = self._read_state()
         self.decryptions_used = int(state.get("decryptions_used", 0))
         self._last_hash = state.get("audit_head", "0" * 64)
@@ -113,7 +121,7 @@ class KeyHolder:
         """Check the policy and budget, decrypt the requested slots, flood, audit."""
         slots = self.params.slots
         try:
-            self._check_shape(request, slots)
+            check_request(request, self._layout)  # types, ranges and blob structure, before any decryption
             if request.key_id != self.key_id:
                 raise ForeignKeyError(
                     f"reveal request names key id {request.key_id}; this key holder's is {self.key_id}"
@@ -147,14 +155,6 @@ class KeyHolder:
         flooded = [flooding.flood(v, sigma) for v in values]
         self._audit(request, "allow", sigma=sigma, slots_revealed=int(sum(request.counts)), **details)
         return RevealResponse(request.request_id, flooded, sigma, self.decryptions_used)
-
-    def _check_shape(self, request: RevealRequest, slots: int) -> None:
-        n = len(request.blobs)
-        if not (len(request.stride) == len(request.counts) == n) or n == 0:
-            raise BundleError(f"reveal request: {n} blobs but {len(request.stride)} strides and {len(request.counts)} counts")
-        for s, c in zip(request.stride, request.counts):
-            if s < 1 or c < 1 or s * (c - 1) >= slots:
-                raise BundleError(f"reveal request: stride {s} × count {c} does not fit {slots} slots")
 
     def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> np.ndarray:
         full = wire.with_size(blob, slots, max_slots=slots)
@@ -198,10 +198,12 @@ class KeyHolder:
 
     def _audit(self, request: RevealRequest, decision: str, **details) -> None:
         self._seq += 1
+        field = {name: _plain(getattr(request, name, None))
+                 for name in ("request_id", "round", "kind", "layer", "aggregate")}
+        blobs = getattr(request, "blobs", None)
         entry = {
-            "seq": self._seq, "time": time.time(), "request_id": request.request_id,
-            "round": request.round, "kind": request.kind, "layer": request.layer,
-            "decision": decision, "ciphertexts": len(request.blobs), "aggregate": request.aggregate,
+            "seq": self._seq, "time": time.time(), **field, "decision": decision,
+            "ciphertexts": len(blobs) if isinstance(blobs, list) else None,
             "decryptions_used": self.decryptions_used, "budget": self.budget, "prev": self._last_hash,
             **details,
         }

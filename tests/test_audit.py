@@ -22,7 +22,8 @@ def run_dir(tmp_path):
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
     holder = KeyHolder.open_or_create(tmp_path / "key_holder", CkksParams(), policy, {"enc1": LayerShape(64, 8)})
     public = ckks.load_public_context(holder.public_context())
-    blob = ckks.encrypt(public, np.zeros(4096))
+    fresh = ckks.load_vector(public, ckks.encrypt(public, np.zeros(4096)), ckks.fresh_layout(public))
+    blob = ckks.multiply_plain(fresh, np.ones(4096)).serialize()  # revealed blobs are products
     rows = [f"{i:024x}" for i in range(8)]
     ok = RevealRequest("a", holder.key_id, "activation", "enc1", 1, [blob], [32], [8], 64, rows[:1], "ab" * 32)
     holder.reveal(ok)
@@ -78,4 +79,40 @@ def test_truncated_tail_is_detected_against_the_recorded_head(run_dir, capsys):
     assert code == 1
     assert "AuditError" in capsys.readouterr().err
     with pytest.raises(AuditError, match="recorded 3 entries"):
+        verify(run_dir / "key_holder")
+
+
+HOSTILE_LINES = {
+    "not JSON": (b"{not json", r"line 2 is not valid JSON"),
+    "a JSON list": (b"[1, 2, 3]", r"line 2: the top level must be a JSON object, got list"),
+    "unhashable decision": (b'{"decision": {"a": 1}}', r"line 2 has decision \{'a': 1\}; allowed: 'allow', 'refuse'"),
+    "invalid UTF-8": (b'{"decision": "\xff"}', r"line 2 is not valid JSON"),
+    "deeply nested": (b"[" * 30_000 + b"]" * 30_000, r"line 2 is not valid JSON"),
+    "overlong line": (b" " * (70 << 10), r"line 2 is longer than 65536 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_a_hostile_audit_line_is_an_audit_error_naming_the_line(run_dir, case):
+    # Prepare
+    log = run_dir / "key_holder" / "audit.jsonl"
+    raw, message = HOSTILE_LINES[case]
+    lines = log.read_bytes().splitlines()
+    log.write_bytes(b"\n".join([lines[0], raw] + lines[2:]) + b"\n")
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match=message):
+        verify(run_dir / "key_holder")
+
+
+@pytest.mark.parametrize("state, message", [
+    (b"[]", r"state.json: the top level must be a JSON object, got list"),
+    (b"\xff", r"state.json is not valid JSON"),
+], ids=["list", "not UTF-8"])
+def test_a_hostile_state_file_is_an_audit_error(run_dir, state, message):
+    # Prepare
+    (run_dir / "key_holder" / "state.json").write_bytes(state)
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match=message):
         verify(run_dir / "key_holder")

@@ -1,6 +1,9 @@
 """Checkpoints: exact roundtrip, atomic writes, torn directories never read."""
 
 import errno
+import io
+import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -165,3 +168,81 @@ def test_non_json_rng_state_is_refused_before_anything_lands(tmp_path):
     with pytest.raises(CheckpointError, match="JSON-able"):
         save_checkpoint(tmp_path, 0, **state)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- hostile or corrupted checkpoints: always a CheckpointError -----------------------------------
+
+def _rewrite_state(path, edit) -> None:
+    """Edit state.json in place (the digests of the .npz files stay as they were)."""
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(edit(state) if callable(edit) else edit)
+
+
+def _forge_npz(path, name: str, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> None:
+    """Replace `name` with an archive of raw members and make state.json vouch for it."""
+    with zipfile.ZipFile(path / name, "w", compression) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    state = json.loads((path / "state.json").read_text())
+    state["sha256"][name] = store.sha256_file(path / name)
+    (path / "state.json").write_text(json.dumps(state))
+
+
+def _npy_header(shape, descr="<f8") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+STATE_EDITS = {
+    "top level is a list": ("[1, 2]", r"state.json: the top level must be a JSON object, got list"),
+    "sha256 is a list": (lambda s: json.dumps({**s, "sha256": []}), r"lacks or mistypes \['sha256'\]"),
+    "missing optimizer_scalars": (lambda s: json.dumps({k: v for k, v in s.items() if k != "optimizer_scalars"}),
+                                  r"lacks or mistypes \['optimizer_scalars'\]"),
+    "round is a string": (lambda s: json.dumps({**s, "round": "3"}), r"lacks or mistypes \['round'\]"),
+    "deeply nested": ("[" * 100_000 + "]" * 100_000, r"state.json is not valid JSON"),
+    "not UTF-8": ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), r"state.json is not valid JSON"),
+    "unknown optimizer scalar": (lambda s: json.dumps({**s, "optimizer_scalars": ["nope"]}),
+                                 r"optimizer scalar 'nope' is not a 0-d array in optimizer.npz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATE_EDITS))
+def test_malformed_state_json_is_a_checkpoint_error_naming_the_field(tmp_path, case):
+    # Prepare
+    path = save_checkpoint(tmp_path, 1, **_state())
+    edit, message = STATE_EDITS[case]
+    _rewrite_state(path, edit)
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    if case != "unknown optimizer scalar":  # state.json itself is broken: skipped as torn, not a crash
+        assert latest_checkpoint(tmp_path) is None
+
+
+NPZ_FORGERIES = {
+    "shape bomb": ({"enc1.w.npy": _npy_header((2**40,)) + b"\0" * 8},
+                   r"header declares shape \(1099511627776,\) of float64 \(8796093022208 bytes\) but 8 bytes follow"),
+    "object dtype": ({"enc1.w.npy": _npy_header((1,), "|O") + b"\0" * 8}, r"not a valid .npy array|dtype object is not allowed"),
+    "compressed member": ({"enc1.w.npy": _npy_header((1,)) + b"\0" * 8}, r"is compressed, not .npy or over"),
+    "not a zip": (None, r"not a readable .npz archive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPZ_FORGERIES))
+def test_forged_npz_is_a_checkpoint_error_before_numpy_allocates(tmp_path, case):
+    # Prepare
+    path = save_checkpoint(tmp_path, 1, **_state())
+    members, message = NPZ_FORGERIES[case]
+    if members is None:
+        (path / "params.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
+        _rewrite_state(path, lambda s: json.dumps({**s, "sha256": {**s["sha256"], "params.npz":
+                                                                     store.sha256_file(path / "params.npz")}}))
+    else:
+        compression = zipfile.ZIP_DEFLATED if case == "compressed member" else zipfile.ZIP_STORED
+        _forge_npz(path, "params.npz", members, compression)
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)

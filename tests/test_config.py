@@ -77,7 +77,7 @@ def test_parse_config_leaves_the_raw_mapping_unchanged(horizontal):
 
 @pytest.mark.parametrize("where, key, allowed", [
     ((), "colour", "ckks, data, key_holder, model, name, packing, policy, report, seed, train"),
-    (("train",), "epochs", "batch_size, optimizer, patience, rounds, target_accuracy, workers"),
+    (("train",), "epochs", "batch_size, compute, dask_address, optimizer, patience, rounds, target_accuracy, workers"),
     (("data", "owners", 0), "colour", "features, label, name, path"),
     (("policy", "flooding"), "epsilon", "budget, security_bits"),
 ], ids=["top", "train", "owner", "flooding"])
@@ -364,3 +364,39 @@ def test_config_whose_top_level_is_not_a_mapping_is_refused(tmp_path):
     # Execute / Assert
     with pytest.raises(ConfigError, match=rf"^{path}: the top level must be a mapping of keys, got list$"):
         load_config(path)
+
+
+# ---- hostile files: bounded, no aliases, no crash --------------------------------------------
+
+HOSTILE_YAML = {
+    "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                   "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", r"line 1: YAML anchors \(&name\) are not allowed"),
+    "deep nesting": ("a: " + "[" * 5000 + "]" * 5000 + "\n", r"not valid YAML \(nested too deeply\)"),
+    "not UTF-8": (b"name: \xff\xfe\n", r"not UTF-8 text \(byte 6\)"),
+    "over the size limit": ("# " + "x" * (1 << 20) + "\n", r"config file .* is 1048579 bytes or not a regular file; "
+                                                           r"the limit is 1048576 bytes"),
+    "python tag": ("name: !!python/object/apply:os.system ['true']\n", r"not valid YAML \(could not determine a constructor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_YAML))
+def test_hostile_yaml_is_refused_with_a_config_error(tmp_path, case):
+    # Prepare
+    text, message = HOSTILE_YAML[case]
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_a_huge_bad_value_is_quoted_only_in_part(horizontal):
+    # Prepare
+    horizontal["name"] = "x" * 100_000
+
+    # Execute
+    message = refusal(horizontal)
+
+    # Assert
+    assert "key 'name'" in message and len(message) < 1000

@@ -629,3 +629,117 @@ def test_manifest_blob_entry_without_bytes_is_a_bundle_error(clinic_bundle, ckks
     # Execute / Assert
     with pytest.raises(BundleError, match="train batch 1 is malformed"):
         open_store(clinic_bundle["cfg"], holder, clinic_copy)
+
+
+# ---- hostile manifests, ids and label files: always a BundleError ---------------------------
+def _edit_manifest(exchange: Path, edit) -> None:
+    path = exchange / "clinic_a" / MANIFEST
+    manifest = json.loads(path.read_text())
+    result = edit(manifest)
+    path.write_text(result if isinstance(result, str) else json.dumps(manifest))
+
+
+def _replace_blob(exchange: Path, entry: dict, data: bytes) -> None:
+    """Overwrite a bundle file and make its manifest entry vouch for the new bytes (a hostile owner can)."""
+    (exchange / "clinic_a" / entry["file"]).write_bytes(data)
+    entry.update(sha256=store.sha256_bytes(data), bytes=len(data))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+MANIFEST_EDITS = {
+    "top level is a list": (lambda m: "[]", r"manifest .* the top level must be a JSON object, got list"),
+    "deeply nested": (lambda m: "[" * 100_000 + "]" * 100_000, r"manifest .* is not valid JSON"),
+    "rows is a string": (lambda m: m["splits"]["train"]["batches"][0].update(rows="abc"),
+                         r"train batch 0: 'rows' must list 1 blob entries for 64 samples; got str"),
+    "a rows blob missing": (lambda m: m["splits"]["train"]["batches"][0]["rows"].clear(),
+                            r"train batch 0: 'rows' must list 1 blob entries for 64 samples; got 0"),
+    "batch n over twice the batch size": (lambda m: m["splits"]["train"]["batches"][0].update(n=10**9),
+                                          r"train batch 0 is malformed \(needs n in \[1, 128\]\)"),
+    "split n disagrees with batches": (lambda m: m["splits"]["test"].update(n=m["splits"]["test"]["n"] + 1),
+                                       r"test batches hold \d+ samples but the split declares n=\d+"),
+    "file name with a NUL byte": (lambda m: m["splits"]["train"]["batches"][0]["rows"][0].update(file="a\0b"),
+                                  r"train batch 0 is malformed: 'rows' entry 0 needs a file name of 1\.\.512"),
+    "labels missing for the label owner": (lambda m: m.update(labels=None),
+                                           r"malformed or missing label entries \(the config says this owner"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_EDITS))
+def test_hostile_manifest_is_a_bundle_error_naming_the_field(clinic_bundle, ckks_keys, clinic_copy, case):
+    # Prepare
+    holder, _ = ckks_keys
+    edit, message = MANIFEST_EDITS[case]
+    _edit_manifest(clinic_copy, edit)
+
+    # Execute / Assert
+    with pytest.raises(BundleError, match=message):
+        open_store(clinic_bundle["cfg"], holder, clinic_copy)
+
+
+LABEL_FILES = {
+    "float labels": (lambda n: _npy(np.zeros(n)), r"dtype float64 is not allowed \(allowed kinds: 'iu'"),
+    "label out of range": (lambda n: _npy(np.full(n, 7, dtype=np.int64)), r"must hold \d+ integer labels in \[0, 1\]; "
+                                                                          r"got shape \(\d+,\), range \[7, 7\]"),
+    "too few labels": (lambda n: _npy(np.zeros(n - 1, dtype=np.int64)), r"must hold \d+ integer labels"),
+    "shape bomb header": (lambda n: _npy(np.zeros(1, dtype=np.int64)).replace(b"(1,)", b"(9999999999,)", 1),
+                          r"header declares shape \(9999999999,\)"),
+    "pickled object array": (lambda n: b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+                             + b" " * 52 + b"\n" + b"\x80\x04N.", r"labels .*(not a valid \.npy|dtype object)"),
+    "not npy at all": (lambda n: b"garbage", r"not a valid \.npy array"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LABEL_FILES))
+def test_hostile_label_file_is_a_bundle_error_before_numpy_allocates(clinic_bundle, ckks_keys, clinic_copy, case):
+    # Prepare
+    holder, _ = ckks_keys
+    make, message = LABEL_FILES[case]
+    n = clinic_bundle["manifest"]["splits"]["train"]["n"]
+    _edit_manifest(clinic_copy, lambda m: _replace_blob(clinic_copy, m["labels"]["train"], make(n)))
+    exchange = open_store(clinic_bundle["cfg"], holder, clinic_copy)
+
+    # Execute / Assert
+    with pytest.raises(BundleError, match=message):
+        exchange.labels(BatchRef("train", ("clinic_a",), 0))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (b"not json", r"train ids .* is not valid JSON"),
+    (b'{"a": 1}', r"the top level must be a JSON list, got dict"),
+    (b'["zz"]', r"must list \d+ pseudonyms of 24 hex digits; got 1 entries"),
+], ids=["not JSON", "an object", "bad pseudonym"])
+def test_hostile_ids_file_of_a_vertical_owner_is_a_bundle_error(digits_bundle, ckks_keys, tmp_path, ids, message):
+    # Prepare
+    holder, _ = ckks_keys
+    exchange = tmp_path / "exchange"
+    shutil.copytree(digits_bundle["exchange"], exchange)
+    path = exchange / "telco" / MANIFEST
+    manifest = json.loads(path.read_text())
+    entry = manifest["splits"]["train"]["ids"]
+    (exchange / "telco" / entry["file"]).write_bytes(ids)
+    entry.update(sha256=store.sha256_bytes(ids), bytes=len(ids))
+    path.write_text(json.dumps(manifest))
+
+    # Execute / Assert
+    with pytest.raises(BundleError, match=message):
+        open_store(digits_bundle["cfg"], holder, exchange)
+
+
+def test_owner_re_encrypts_over_a_hostile_old_manifest_instead_of_crashing(clinic_bundle, ckks_keys, clinic_copy):
+    # Prepare: the old manifest keeps the right bundle key but lost its splits
+    holder, _ = ckks_keys
+    _edit_manifest(clinic_copy, lambda m: m.pop("splits"))
+    cfg = clinic_bundle["cfg"]
+
+    # Execute
+    manifest = prepare(cfg, owner_of(cfg, "clinic_a"), holder.public_context(), packing_plan(cfg), clinic_copy)
+
+    # Assert
+    assert manifest["reused"] is False
+    assert open_store(cfg, holder, clinic_copy).manifests["clinic_a"]["bundle_key"] == manifest["bundle_key"]

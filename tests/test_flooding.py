@@ -164,7 +164,7 @@ def measured_error():
                 for _ in range(TRIALS):
                     x = rng.normal(size=PARAMS.slots).clip(-4, 4)  # standardised, clipped features
                     w = gain * rng.normal(scale=0.3 / terms, size=PARAMS.slots)  # deltas carry 1/batch
-                    vector = ckks.load_vector(public, ckks.encrypt(public, x), PARAMS.slots)
+                    vector = ckks.load_vector(public, ckks.encrypt(public, x), ckks.fresh_layout(public))
                     summed = ckks.segment_sum(public, ckks.multiply_plain(vector, w), terms, PARAMS.slots)
                     got = np.asarray(ts.ckks_vector_from(private, summed.serialize()).decrypt())[::terms]
                     err = np.abs(got - (x * w).reshape(-1, terms).sum(axis=1)).max()

@@ -47,13 +47,19 @@ def row_ids(n: int, start: int = 0) -> list[str]:
 WEIGHTS = hashlib.sha256(b"weights-1").hexdigest()
 
 
+def product_blob(public, values: np.ndarray) -> bytes:
+    """A ciphertext of `values` after one ct × plain product, the level every revealed blob has."""
+    fresh = ckks.load_vector(public, ckks.encrypt(public, values), ckks.fresh_layout(public))
+    return ckks.multiply_plain(fresh, np.ones(SLOTS)).serialize()
+
+
 def make_request(holder, public, *, kind="gradient", layer="enc1", aggregate=64, n_blobs=1, key_id=None,
                  rows=None, weights=WEIGHTS):
     """A reveal request of `n_blobs` real ciphertexts, each holding VALUES in slots 0..3, naming its rows:
     `aggregate` rows for a gradient, values / out_features rows for an activation."""
     slots = np.zeros(SLOTS)
     slots[: len(VALUES)] = VALUES
-    blobs = [ckks.encrypt(public, slots) for _ in range(n_blobs)]
+    blobs = [product_blob(public, slots) for _ in range(n_blobs)]
     if rows is None:
         h = holder.shapes[layer].out_features if layer in holder.shapes else 1
         rows = row_ids(aggregate if kind == "gradient" else max(1, len(VALUES) * n_blobs // h))
@@ -186,6 +192,54 @@ def test_request_whose_strides_and_counts_do_not_match_its_blobs_is_refused_and_
 
     # Execute
     with pytest.raises(BundleError, match=r"reveal request: 2 blobs but 2 strides and 1 counts") as exc_info:
+        holder.reveal(request)
+
+    # Assert
+    assert_refused_and_audited(holder, exc_info, "BundleError", used_before=0)
+
+
+FIELD_EDITS = {
+    "stride overflow": ({"stride": [2**62]}, r"blob 0: stride 4611686018427387904 × count 4 does not fit 4096 slots"),
+    "float count": ({"counts": [4.0]}, r"blob 0: stride 1 × count 4\.0 does not fit 4096 slots \(needs ints"),
+    "blobs not a list": ({"blobs": "abc"}, r"'blobs', 'stride' and 'counts' must be lists, got str, list, list"),
+    "blob not bytes": ({"blobs": [12345]}, r"blob 0: ciphertext blob: expected bytes, got int"),
+    "no blobs": ({"blobs": [], "stride": [], "counts": []}, r"0 blobs but 0 strides and 0 counts \(allowed: equal lengths of 1\.\.4096\)"),
+    "layer is a list": ({"layer": ["enc1"]}, r"'layer' must be a string of 1\.\.64 characters, got \['enc1'\]"),
+    "kind is None": ({"kind": None}, r"'kind' must be a string of 1\.\.32 characters, got None"),
+    "aggregate is a string": ({"aggregate": "64"}, r"'aggregate' must be an int in \[0, 2147483648\], got '64'"),
+    "round is a bool": ({"round": True}, r"'round' must be an int in \[0, 1000000000\], got True"),
+    "huge request id": ({"request_id": "x" * 10_000}, r"'request_id' must be a string of 1\.\.128 characters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIELD_EDITS))
+def test_request_with_a_mistyped_or_out_of_range_field_is_refused_audited_and_not_charged(keys, case):
+    # Prepare
+    holder, public = keys
+    request = make_request(holder, public)
+    changes, message = FIELD_EDITS[case]
+    for name, value in changes.items():
+        setattr(request, name, value)
+
+    # Execute
+    with pytest.raises(BundleError, match=r"^reveal request: " + message) as exc_info:
+        holder.reveal(request)
+
+    # Assert: the refusal is in the audit log as valid JSON, nothing was charged
+    assert_refused_and_audited(holder, exc_info, "BundleError", used_before=0)
+
+
+def test_fresh_ciphertext_at_the_owner_level_is_refused_before_decryption(keys):
+    # Prepare: a blob that skipped the ct × plain product still holds both data primes
+    holder, public = keys
+    request = make_request(holder, public)
+    request.blobs = [ckks.encrypt(public, np.zeros(SLOTS))]
+
+    # Execute
+    with pytest.raises(BundleError, match=(
+        r"reveal request: blob 0: ciphertext blob: the ciphertext is at a level with 2 coefficient moduli .*"
+        r"layout 'product' needs 1"
+    )) as exc_info:
         holder.reveal(request)
 
     # Assert

@@ -123,13 +123,19 @@ def in_process_copy(service: Service, folder: Path):
     return KeyHolder.open_or_create(copy, cfg.ckks.params(), cfg.policy, cipher_layer_shapes(cfg))
 
 
+def product_blob(public, values: np.ndarray) -> bytes:
+    """A ciphertext after one ct × plain product: the level every revealed blob has."""
+    fresh = ckks.load_vector(public, ckks.encrypt(public, values), ckks.fresh_layout(public))
+    return ckks.multiply_plain(fresh, np.ones(SLOTS)).serialize()
+
+
 def encrypted(public, *, kind="gradient", layer="enc1", aggregate=64, n_blobs=1, blob=None) -> EncryptedTensor:
     """An encrypted layer output holding VALUES in slots 0..3 of each blob."""
     slots = np.zeros(SLOTS)
     slots[: len(VALUES)] = VALUES
     return EncryptedTensor(
         kind=kind, layer=layer, shape=(len(VALUES), n_blobs),
-        blobs=[blob or ckks.encrypt(public, slots) for _ in range(n_blobs)], stride=[1] * n_blobs,
+        blobs=[blob or product_blob(public, slots) for _ in range(n_blobs)], stride=[1] * n_blobs,
         counts=[len(VALUES)] * n_blobs, placement=[(np.arange(len(VALUES)), b) for b in range(n_blobs)],
         aggregate=aggregate, meta={"rows": [f"{i:024x}" for i in range(aggregate)]},
     )
@@ -323,7 +329,7 @@ def test_ciphertext_made_under_another_key_is_refused_as_a_foreign_key(service, 
 def test_wrong_token_and_oversize_map_to_key_holder_rejected(service, public):
     # Prepare
     wrong = HttpKeyHolderClient(service.url, "W" * 43, retries=0)
-    _, request, _ = masked(public, n_blobs=9)  # over the 8 ciphertexts of this config's largest reveal
+    _, request, _ = masked(public, n_blobs=20)  # 20 product ciphertexts of ~131 kB: over the ~1.3 MB limit
 
     # Execute
     with pytest.raises(KeyHolderRejected, match=r"refused the bearer token \(HTTP 401\)") as unauthorized:

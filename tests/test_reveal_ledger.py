@@ -98,7 +98,7 @@ def test_the_ledger_survives_a_reopen_and_a_key_rotation(holder30, tmp_path):
     ({"rows": row_ids(3)}, PolicyRefusal, r"'undeclared_rows'.*reveals 4 values, which is not 3 named rows × 2 outputs"),
     ({"rows": []}, PolicyRefusal, r"'undeclared_rows'.*which is not 0 named rows"),
     ({"weights": ""}, PolicyRefusal, r"'undeclared_weights'.*must carry the SHA-256 of the weights"),
-    ({"rows": ["zz"] * 2}, BundleError, r"'rows' must be a list of hex sample pseudonyms"),
+    ({"rows": ["zz"] * 2}, BundleError, r"'rows' must be a list of at most 65536 hex sample pseudonyms"),
     ({"rows": [row_ids(1)[0]] * 2}, BundleError, r"'rows' names 1 sample\(s\) twice"),
 ], ids=["too_few_rows", "no_rows", "no_weights", "not_hex", "duplicate"])
 def test_an_activation_request_must_name_its_rows_and_weights(holder30, change, error, message):

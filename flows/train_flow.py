@@ -110,13 +110,13 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     logger = get_run_logger()
     rt = Runtime(config_path, run_dir)
     rt.paths.root.mkdir(parents=True, exist_ok=True)
+    checkpoint.cleanup_temp(rt.paths.checkpoints)  # first: it may put back a round a killed re-save moved aside
     latest = checkpoint.latest_checkpoint(rt.paths.checkpoints)
     if latest is not None and not resume:
         raise CheckpointError(
             f"run directory {rt.paths.root} already holds checkpoints (newest {latest.name}); pass --resume "
             f"to continue it, or choose another --run-dir"
         )
-    checkpoint.cleanup_temp(rt.paths.checkpoints)
     LocalKeyHolderClient.forget()
     key_id = set_up_key_holder(rt)
     logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)

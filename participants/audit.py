@@ -31,7 +31,7 @@ def verify(key_holder_dir: Path) -> AuditReport:
         raise AuditError(f"{state_path} is missing: not a key holder directory")
     state = json.loads(state_path.read_text())
     lines = log.read_text().splitlines() if log.exists() else []
-    prev, counts = GENESIS, {"allow": 0, "refuse": 0}
+    prev, counts, hashes = GENESIS, {"allow": 0, "refuse": 0}, [GENESIS]
     for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
@@ -46,7 +46,16 @@ def verify(key_holder_dir: Path) -> AuditReport:
             raise AuditError(f"{log}: line {number} has seq {entry.get('seq')}, expected {number}")
         counts[entry.get("decision")] = counts.get(entry.get("decision"), 0) + 1
         prev = hashlib.sha256(line.encode()).hexdigest()
-    if prev != state.get("audit_head", GENESIS) or len(lines) != state.get("audit_seq", 0):
+        hashes.append(prev)
+    seq, head = state.get("audit_seq", 0), state.get("audit_head", GENESIS)
+    if len(lines) > seq and hashes[seq] == head:
+        extra = len(lines) - seq
+        raise AuditError(
+            f"{log}: {extra} {'entry' if extra == 1 else 'entries'} after entry {seq}, the last one the key holder recorded: it "
+            f"stopped between appending an entry and recording it (a crash or a kill); the chain is intact and "
+            f"the key holder adopts them the next time it opens {directory} (e.g. `hetrain train … --resume`)"
+        )
+    if prev != head or len(lines) != seq:
         raise AuditError(
             f"{log}: ends at entry {len(lines)} with hash {prev[:16]}…, but the key holder recorded "
             f"{state.get('audit_seq', 0)} entries ending in {str(state.get('audit_head'))[:16]}…: "

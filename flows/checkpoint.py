@@ -14,6 +14,7 @@ import numpy as np
 
 from mpc_ops import store
 from mpc_ops.errors import CheckpointError
+from mpc_ops.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,14 @@ def save_checkpoint(root: Path, round_no: int, *, params: dict[str, np.ndarray],
                  "sha256": {fname: store.sha256_bytes(data) for fname, data in files.items()}}
         files["state.json"] = _json_bytes(state)
         for fname, data in files.items():  # write_bytes fsyncs each file and then the temp dir
+            failpoint("checkpoint.tmp_write", tmp / fname)
             store.write_bytes(tmp / fname, data)
+        failpoint("checkpoint.before_rename")
         if final.exists():
             old = root / f".old-{name}-{secrets.token_hex(4)}"
             os.rename(final, old)
         os.rename(tmp, final)
+        failpoint("checkpoint.after_rename")
         store.fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

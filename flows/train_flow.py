@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
+from mpc_ops.failpoints import failpoint
 from mpc_ops.policy import cipher_layer_shapes
 
 from . import artifacts, checkpoint, progress
@@ -77,6 +78,7 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
     history = previous.get("history", []) + [row]
     flow_run_id = flow_run.get_id() if ENGINE.get() else None
     lineage = {**rt.lineage(), "parent_checkpoint": previous.get("parent_checkpoint"),
+               "parent_state_sha256": previous.get("parent_state_sha256"),
                "flow_run_id": str(flow_run_id) if flow_run_id else None}
     run(write_checkpoint, rt, round_no, hybrid, twin, lineage, {"history": history})
     return row
@@ -137,6 +139,7 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
             break
         with child_flow_settings():
             row = training_round(config_path, run_dir, round_no)
+        failpoint("train.after_round")
         rounds.append(row)
         progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
         artifacts.write_metrics(rt.paths.metrics, rounds, {})

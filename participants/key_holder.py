@@ -17,6 +17,7 @@ import tenseal as ts
 from mpc_ops import ckks, flooding, store, wire
 from mpc_ops.config import PolicyConfig
 from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
+from mpc_ops.failpoints import failpoint
 from mpc_ops.params import CkksParams
 from mpc_ops.policy import LayerShape, check_reveal
 from mpc_ops.reveal import RevealRequest, RevealResponse
@@ -79,6 +80,7 @@ class KeyHolder:
         # crash between the two writes leaves no key (a new one is made), never an unusable one.
         holder = cls(directory, context, params, policy, shapes)
         holder._write_state()
+        failpoint("keyholder.after_key_write")
         store.write_bytes(secret, context.serialize(save_secret_key=True), mode=0o600)
         return holder
 
@@ -201,6 +203,7 @@ class KeyHolder:
             fh.write(line + "\n")
             fh.flush()
         self._seq, self._last_hash = self._seq + 1, hashlib.sha256(line.encode()).hexdigest()
+        failpoint("keyholder.after_audit_append")
         self._write_state()
 
     def _recover_unrecorded_audit(self) -> None:

@@ -51,8 +51,8 @@ def verify(key_holder_dir: Path) -> AuditReport:
     if len(lines) > seq and hashes[seq] == head:
         extra = len(lines) - seq
         raise AuditError(
-            f"{log}: {extra} {'entry' if extra == 1 else 'entries'} after entry {seq}, the last one the key holder recorded: it "
-            f"stopped between appending an entry and recording it (a crash or a kill); the chain is intact and "
+            f"{log}: {extra} {'entry' if extra == 1 else 'entries'} after entry {seq}, the last one the key holder "
+            f"recorded: it stopped between appending an entry and recording it (a crash or a kill); the chain is intact and "
             f"the key holder adopts them the next time it opens {directory} (e.g. `hetrain train … --resume`)"
         )
     if prev != head or len(lines) != seq:

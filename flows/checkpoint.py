@@ -14,10 +14,11 @@ import numpy as np
 
 from mpc_ops import npyfile, store
 from mpc_ops.errors import CheckpointError
+from mpc_ops.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: state.json carries a digest of itself ("self_sha256")
 MAX_STATE_BYTES = 64 << 20  # state.json: RNG state, lineage and the metrics history
 MAX_ARRAYS_BYTES = 4 << 30  # params.npz / optimizer.npz
 _ROUND_DIR = re.compile(r"round-(\d{5,})")
@@ -46,11 +47,19 @@ def _npz_bytes(arrays: dict[str, np.ndarray], what: str) -> bytes:
     return buf.getvalue()
 
 
-def _json_bytes(obj: dict) -> bytes:
+def _canonical(state: dict) -> bytes:
+    """The bytes `self_sha256` is taken over: the state without that field, in one fixed form."""
+    body = {k: v for k, v in state.items() if k != "self_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _json_bytes(state: dict) -> bytes:
     try:  # no `default=`: a value JSON cannot hold exactly must fail here, not be stringified
-        return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        as_read = json.loads(json.dumps(state))  # digest what a reader will parse (int keys become str)
+        sealed = {**as_read, "self_sha256": store.sha256_bytes(_canonical(as_read))}
+        return (json.dumps(sealed, indent=2, sort_keys=True) + "\n").encode()
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"state.json for round {obj['round']}: rng_state, lineage and extra must be JSON-able: {exc}") from exc
+        raise CheckpointError(f"state.json for round {state['round']}: rng_state, lineage and extra must be JSON-able: {exc}") from exc
 
 
 def save_checkpoint(root: Path, round_no: int, *, params: dict[str, np.ndarray], optimizer_state: dict,
@@ -80,11 +89,14 @@ def save_checkpoint(root: Path, round_no: int, *, params: dict[str, np.ndarray],
                  "sha256": {fname: store.sha256_bytes(data) for fname, data in files.items()}}
         files["state.json"] = _json_bytes(state)
         for fname, data in files.items():  # write_bytes fsyncs each file and then the temp dir
+            failpoint("checkpoint.tmp_write", tmp / fname)
             store.write_bytes(tmp / fname, data)
+        failpoint("checkpoint.before_rename")
         if final.exists():
             old = root / f".old-{name}-{secrets.token_hex(4)}"
             os.rename(final, old)
         os.rename(tmp, final)
+        failpoint("checkpoint.after_rename")
         store.fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,12 +120,20 @@ def _check_state(path: Path, state: dict) -> None:
 
 
 def _verify(path: Path) -> dict:
-    """Return the parsed state.json of `path` after checking both digests; raise CheckpointError otherwise."""
+    """Return the parsed state.json of `path` after checking its own digest and both file digests;
+    raise CheckpointError otherwise."""
     state_file = path / "state.json"
     data = store.read_bounded(state_file, MAX_STATE_BYTES, f"checkpoint {path}: state.json", CheckpointError)
     state = store.parse_json(data, f"checkpoint {path}: {state_file.name}", CheckpointError)
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: state.json has format {state.get('format')!r:.40}; this hetrain "
+                              f"reads format {FORMAT_VERSION}")
     _check_state(path, state)
-    digests, round_no = state["sha256"], state["round"]
+    digests, round_no, sealed = state["sha256"], state["round"], state.get("self_sha256")
+    actual = store.sha256_bytes(_canonical(state))
+    if actual != sealed:
+        raise CheckpointError(f"checkpoint {path}: state.json has sha256 {actual} over its content, but records "
+                              f"{sealed!r:.80}: it was damaged or edited after it was written")
     for fname in ("params.npz", "optimizer.npz"):
         try:
             actual = store.sha256_file(path / fname)
@@ -162,10 +182,19 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def cleanup_temp(root: Path) -> None:
-    """Remove temporary and replaced directories left by an interrupted save_checkpoint."""
+    """Remove temporary directories left by an interrupted save_checkpoint.
+
+    A re-save killed between its two renames leaves the replaced round only under `.old-…`: that
+    round is put back in place rather than deleted.
+    """
     root = Path(root)
     if not root.is_dir():
         return
+    for old in sorted(root.glob(".old-*")):
+        match = re.fullmatch(r"\.old-(round-\d{5,})-[0-9a-f]+", old.name)
+        if match and not (root / match.group(1)).exists():
+            os.rename(old, root / match.group(1))
+            store.fsync_dir(root)
     for pattern in _TEMP_GLOBS:
         for leftover in root.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The `hetrain` command line: train, bench, audit, rotate-key, key-holder (serve, token), demo-data."""
+"""The `hetrain` command line: train, bench (and its fault-injection mode), audit, rotate-key, key-holder
+(serve, token), demo-data."""
 
 import argparse
 import os
@@ -102,6 +103,10 @@ def cmd_key_holder(args) -> int:
 
 def cmd_bench(args) -> int:
     _quiet_prefect(False)
+    if args.faults:
+        from bench.faults import main as faults_main
+
+        return faults_main(args.out)
     from bench.runner import main as bench_main
 
     return bench_main(args.quick, args.out, tiny=args.tiny)
@@ -129,6 +134,9 @@ def cmd_train(args) -> int:
         except HetrainError as exc:
             bar.stop()
             return _fail(f"{type(exc).__name__}: {exc}", code=1)
+        except OSError as exc:  # a full disk, a lost mount: the run stops, its checkpoints stay usable
+            bar.stop()
+            return _fail(_io_failure(exc, run_dir), code=1)
     final = result["final"]
     print()
     print(f"hetrain: run '{cfg.name}' finished ({final['stop_reason']})")
@@ -144,6 +152,16 @@ def cmd_train(args) -> int:
           f"'{cfg.name}', artifacts '{artifact_key(cfg.name, 'metrics')}' and "
           f"'{artifact_key(cfg.name, 'summary')}').")
     return 0
+
+
+def _io_failure(exc: OSError, run_dir: Path) -> str:
+    """One line for an I/O failure: what failed, and which checkpoint a --resume continues from."""
+    from .checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    where = f"the newest complete checkpoint is {latest.name}" if latest else "no round was checkpointed yet"
+    return (f"{type(exc).__name__}: {exc}; the run stopped and {where}. Fix the cause (e.g. free disk space), "
+            f"then rerun with --resume")
 
 
 def _prefect_bin() -> str:
@@ -165,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure hetrain against its baselines; writes JSON and a markdown report")
     p.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes on 2 cores)")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (used by the test suite)")
-    p.add_argument("--out", help="JSON path (default bench/out/bench-<mode>.json); the .md and PNGs go beside it")
+    p.add_argument("--faults", action="store_true",
+                   help="fault injection instead: SIGKILL, a full disk and corrupt manifests, each resumed and "
+                        "checked for data loss and torn checkpoints (docs/SECURITY.md)")
+    p.add_argument("--out", help="JSON path (default bench/out/bench-<mode>.json, or bench/out/faults.json with "
+                                 "--faults); the .md (and PNGs) go beside it")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("audit", help="check the key holder's hash-chained audit log")

@@ -12,6 +12,7 @@ from mpc_ops.bundle import BatchRef
 from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
 from mpc_ops import ckks, store
 from mpc_ops.errors import BundleError, CheckpointError, HetrainError
+from mpc_ops.failpoints import failpoint
 from mpc_ops.jobs import JobRunner
 from mpc_ops.reveal import RevealRequest, RevealResponse, blind, unblind
 from mpc_ops.tensors import PlainBatch
@@ -100,6 +101,7 @@ def cipher_reveal(rt: Runtime, round_no: int, traffic: Traffic):
         request, masks = blind(enc, rt.context, key_id=rt.key_id, round_no=round_no,
                                mask_bound=rt.cfg.policy.mask_bound)
         response = call_key_holder(rt, request)
+        failpoint("round.after_reveal")
         traffic.to_key_holder += request.n_bytes
         traffic.from_key_holder += sum(v.nbytes for v in response.values)
         traffic.reveals += 1
@@ -176,7 +178,9 @@ def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: 
             f"checkpoint {previous} does not fit the current config (model or optimizer changed?): {exc}; "
             f"resume with the config it was made with, or start a new --run-dir"
         ) from None
-    return {"parent_checkpoint": str(previous), **ckpt.extra}
+    # the parent's state.json pins every file of it by digest: lineage names exactly what was read
+    return {"parent_checkpoint": str(previous), "parent_state_sha256": store.sha256_file(previous / "state.json"),
+            **ckpt.extra}
 
 
 @task(name="train-batch-group", cache_policy=NO_CACHE)

@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
+from mpc_ops.failpoints import failpoint
 from mpc_ops.policy import input_train_rounds
 
 from . import artifacts, checkpoint, dask_jobs, progress
@@ -87,6 +88,7 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
     history = previous.get("history", []) + [row]
     flow_run_id = flow_run.get_id() if ENGINE.get() else None
     lineage = {**rt.lineage(), "parent_checkpoint": previous.get("parent_checkpoint"),
+               "parent_state_sha256": previous.get("parent_state_sha256"),
                "flow_run_id": str(flow_run_id) if flow_run_id else None}
     run(write_checkpoint, rt, round_no, hybrid, twin, lineage, {"history": history})
     return row
@@ -120,6 +122,7 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     logger = get_run_logger()
     rt = Runtime(config_path, run_dir)
     rt.paths.root.mkdir(parents=True, exist_ok=True)
+    checkpoint.cleanup_temp(rt.paths.checkpoints)  # first: it may put back a round a killed re-save moved aside
     latest = checkpoint.latest_checkpoint(rt.paths.checkpoints)
     if latest is not None and not resume:
         raise CheckpointError(
@@ -153,6 +156,7 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
                 break
             with child_flow_settings():
                 row = round_flow(config_path, run_dir, round_no)
+            failpoint("train.after_round")
             rounds.append(row)
             progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
             artifacts.write_metrics(rt.paths.metrics, rounds, {})

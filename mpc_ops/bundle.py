@@ -175,10 +175,11 @@ class ExchangeStore:
                 f"(limit {MAX_BLOB_BYTES})"
             )
         data = path.read_bytes()
-        if store.sha256_bytes(data) != entry["sha256"]:
-            raise DigestMismatch(
-                f"owner '{owner}': blob {path} has SHA-256 {store.sha256_bytes(data)[:16]}…, the manifest "
-                f"says {entry['sha256'][:16]}…; refusing a tampered or torn ciphertext"
+        actual = store.sha256_bytes(data)
+        if actual != entry["sha256"]:
+            raise DigestMismatch(  # whole digests: a manifest edited in its last digits must not look equal
+                f"owner '{owner}': blob {path} has SHA-256 {actual}, the manifest says {entry['sha256']}; refusing a tampered or torn ciphertext (the owner must publish "
+                f"its bundle again: remove {self.root / owner / 'manifest.json'} and rerun, and it re-encrypts)"
             )
         self.bytes_read += size
         return data

@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 import tenseal as ts
 
+from .failpoints import failpoint
 from .jobs import JobRunner
 from .packing import PackingPlan, gain_for
 from .tensors import EncryptedBatch, EncryptedTensor, PlainBatch
@@ -72,11 +73,13 @@ class CipherLinear:
                 counts.append(sl.stop - sl.start)
                 placement.append((np.arange(sl.start, sl.stop), k))
                 gains.append(gain)
-        return EncryptedTensor(
+        out = EncryptedTensor(
             kind="activation", layer=self.name, shape=(x.n, h), blobs=self.runner.run(blobs, jobs),
             stride=[stride] * len(jobs), counts=counts, placement=placement, aggregate=d_in, gains=gains,
             meta={"rows": list(x.rows), "weights": weights_digest(self.W)},
         )
+        failpoint("cipher.after_forward")
+        return out
 
     def backward(self, grad_out: np.ndarray) -> EncryptedTensor:
         """G[:, k] = X^T·grad_out[:, k], summed over the batch inside the ciphertext."""
@@ -98,11 +101,13 @@ class CipherLinear:
                 counts.append(n_feat)
                 placement.append((part.feature_index, k))
                 gains.append(gain)
-        return EncryptedTensor(
+        out = EncryptedTensor(
             kind="gradient", layer=self.name, shape=(d_in, h), blobs=self.runner.run(blobs, jobs),
             stride=[plan.col_seg] * len(jobs), counts=counts, placement=placement, aggregate=x.n, gains=gains,
             meta={"rows": list(x.rows)},
         )
+        failpoint("cipher.after_backward")
+        return out
 
 
 class PlainInputLinear:

@@ -54,7 +54,7 @@ def verify(key_holder_dir: Path) -> AuditReport:
         raise AuditError(f"{state_path} is missing: not a key holder directory")
     state = store.parse_json(store.read_bounded(state_path, MAX_STATE_BYTES, "key holder state", AuditError),
                              f"{state_path}", AuditError)
-    prev, counts, entries = GENESIS, {"allow": 0, "refuse": 0}, 0
+    prev, counts, hashes = GENESIS, {"allow": 0, "refuse": 0}, [GENESIS]
     for number, raw in _lines(log):
         entry = _entry(log, number, raw)
         if entry.get("prev") != prev:
@@ -65,11 +65,21 @@ def verify(key_holder_dir: Path) -> AuditReport:
         if entry.get("seq") != number:
             raise AuditError(f"{log}: line {number} has seq {entry.get('seq')!r:.40}, expected {number}")
         counts[entry["decision"]] += 1
-        prev, entries = hashlib.sha256(raw).hexdigest(), number
-    if prev != state.get("audit_head", GENESIS) or entries != state.get("audit_seq", 0):
+        prev = hashlib.sha256(raw).hexdigest()
+        hashes.append(prev)
+    entries = len(hashes) - 1
+    seq, head = state.get("audit_seq", 0), state.get("audit_head", GENESIS)
+    if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < entries and hashes[seq] == head:
+        extra = entries - seq
+        raise AuditError(
+            f"{log}: {extra} {'entry' if extra == 1 else 'entries'} after entry {seq}, the last one the key holder "
+            f"recorded: it stopped between appending an entry and recording it (a crash or a kill); the chain is intact and "
+            f"the key holder adopts them the next time it opens {directory} (e.g. `hetrain train … --resume`)"
+        )
+    if prev != head or entries != seq:
         raise AuditError(
             f"{log}: ends at entry {entries} with hash {prev[:16]}…, but the key holder recorded "
-            f"{state.get('audit_seq', 0)!r:.40} entries ending in {str(state.get('audit_head'))[:16]}…: "
+            f"{seq!r:.40} entries ending in {str(head)[:16]}…: "
             f"the last entries were removed or edited"
         )
     return AuditReport(entries, counts["allow"], counts["refuse"], prev)

@@ -18,6 +18,7 @@ from mpc_ops import ckks, store
 from mpc_ops.bundle import MAX_MANIFEST_BYTES
 from mpc_ops.config import OwnerConfig, RunConfig
 from mpc_ops.errors import SchemaError
+from mpc_ops.failpoints import failpoint
 from mpc_ops.packing import FEATURE_CLIP, PackingPlan
 
 from .table import Standardizer, batches, load_table, split_ids
@@ -113,6 +114,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
         np.savez(buf, train=x_train, test=x_test)
         store.write_bytes(twin_dir / f"{owner.name}.npz", buf.getvalue())
         manifest["twin_sha256"] = store.sha256_bytes(buf.getvalue())
+    failpoint("owner.before_manifest")
     store.write_json(out / MANIFEST, manifest)  # last: a manifest only ever names complete blobs
     for old in out.glob("g-*"):
         if old.name != generation:
@@ -155,6 +157,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 def _write(out: Path, generation: str, name: str, data: bytes) -> dict:
     store.write_bytes(out / generation / name, data)
+    failpoint("owner.blob_written")
     return {"file": f"{generation}/{name}", "sha256": store.sha256_bytes(data), "bytes": len(data)}
 
 

@@ -7,6 +7,7 @@ Its files live under RUN_DIR/key_holder/ and nowhere else.
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import tenseal as ts
 from mpc_ops import ckks, dp, flooding, store, wire
 from mpc_ops.config import PolicyConfig
 from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
+from mpc_ops.failpoints import failpoint
 from mpc_ops.params import CkksParams
 from mpc_ops.policy import LayerShape, check_reveal
 from mpc_ops.reveal import RevealRequest, RevealResponse, check_request
@@ -53,6 +55,7 @@ class KeyHolder:
         self._last_hash = state.get("audit_head", "0" * 64)
         self._seq = int(state.get("audit_seq", 0))
         self.ledger = RevealLedger(self.directory / LEDGER_FILE, policy, shapes)
+        self._recover_unrecorded_audit()
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -83,9 +86,12 @@ class KeyHolder:
         context.generate_galois_keys()
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
-        store.write_bytes(secret, context.serialize(save_secret_key=True), mode=0o600)
+        # state.json first: a secret key on disk always has its recorded parameters beside it, so a
+        # crash between the two writes leaves no key (a new one is made), never an unusable one.
         holder = cls(directory, context, params, policy, shapes)
         holder._write_state()
+        failpoint("keyholder.after_key_write")
+        store.write_bytes(secret, context.serialize(save_secret_key=True), mode=0o600)
         return holder
 
     @staticmethod
@@ -197,19 +203,52 @@ class KeyHolder:
         }, mode=0o600)
 
     def _audit(self, request: RevealRequest, decision: str, **details) -> None:
-        self._seq += 1
         field = {name: _plain(getattr(request, name, None))
                  for name in ("request_id", "round", "kind", "layer", "aggregate")}
         blobs = getattr(request, "blobs", None)
         entry = {
-            "seq": self._seq, "time": time.time(), **field, "decision": decision,
+            "seq": self._seq + 1, "time": time.time(), **field, "decision": decision,
             "ciphertexts": len(blobs) if isinstance(blobs, list) else None,
             "decryptions_used": self.decryptions_used, "budget": self.budget, "prev": self._last_hash,
             **details,
         }
         line = json.dumps(entry, sort_keys=True)
-        self._last_hash = hashlib.sha256(line.encode()).hexdigest()
         with open(self.directory / AUDIT_FILE, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
+        self._seq, self._last_hash = self._seq + 1, hashlib.sha256(line.encode()).hexdigest()
+        failpoint("keyholder.after_audit_append")
         self._write_state()
+
+    def _recover_unrecorded_audit(self) -> None:
+        """Adopt entries a crash left in audit.jsonl after state.json was last written.
+
+        `_audit` appends the entry, then records the new head in state.json; a process killed in
+        between leaves entries the state does not know. Those that chain from the recorded head are
+        adopted (with their decryption charge), and a torn last line after them is cut off, so the
+        next entry chains on. Anything that does not chain is left for `hetrain audit verify` to report.
+        """
+        path = self.directory / AUDIT_FILE
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        *complete, torn = data.split(b"\n")
+        if len(complete) < self._seq:
+            return
+        adopted = 0
+        for line in complete[self._seq :]:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return
+            if entry.get("seq") != self._seq + 1 or entry.get("prev") != self._last_hash:
+                return
+            self._seq, self._last_hash = self._seq + 1, hashlib.sha256(line).hexdigest()
+            self.decryptions_used = max(self.decryptions_used, int(entry.get("decryptions_used", 0)))
+            adopted += 1
+        if torn:
+            with open(path, "r+b") as fh:
+                fh.truncate(len(data) - len(torn))
+                os.fsync(fh.fileno())
+        if adopted or torn:
+            self._write_state()

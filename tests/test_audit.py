@@ -1,5 +1,6 @@
 """`hetrain audit verify`: the hash chain catches an edited, deleted or truncated audit entry."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -116,3 +117,19 @@ def test_a_hostile_state_file_is_an_audit_error(run_dir, state, message):
     # Execute / Assert
     with pytest.raises(AuditError, match=message):
         verify(run_dir / "key_holder")
+
+
+def test_entries_a_crash_left_unrecorded_are_reported_as_such_and_adopted_on_reopen(run_dir):
+    # Prepare: the state.json of before the last entry (the key holder was killed before recording it)
+    directory = run_dir / "key_holder"
+    state = json.loads((directory / "state.json").read_text())
+    lines = (directory / "audit.jsonl").read_text().splitlines()
+    state.update(audit_seq=2, audit_head=hashlib.sha256(lines[1].encode()).hexdigest())
+    (directory / "state.json").write_text(json.dumps(state))
+
+    # Execute / Assert: not mistaken for removed entries; reopening the key holder adopts the entry
+    with pytest.raises(AuditError, match="1 entry after entry 2, the last one the key holder recorded"):
+        verify(directory)
+    policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
+    KeyHolder.open_or_create(directory, CkksParams(), policy, {"enc1": LayerShape(64, 8)})
+    assert verify(directory).entries == 3

@@ -172,10 +172,23 @@ def test_non_json_rng_state_is_refused_before_anything_lands(tmp_path):
 
 # ---- hostile or corrupted checkpoints: always a CheckpointError -----------------------------------
 
+def _reseal(text: str) -> str:
+    """Give an edited state.json a matching self digest, as a forger would (so the field checks behind
+    the digest check are what the test exercises)."""
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(state, dict):
+        return text
+    state["self_sha256"] = store.sha256_bytes(ckpt._canonical(state))
+    return json.dumps(state)
+
+
 def _rewrite_state(path, edit) -> None:
-    """Edit state.json in place (the digests of the .npz files stay as they were)."""
+    """Edit state.json in place, resealed (the digests of the .npz files stay as they were)."""
     state = json.loads((path / "state.json").read_text())
-    (path / "state.json").write_text(edit(state) if callable(edit) else edit)
+    (path / "state.json").write_text(_reseal(edit(state) if callable(edit) else edit))
 
 
 def _forge_npz(path, name: str, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> None:
@@ -185,7 +198,7 @@ def _forge_npz(path, name: str, members: dict[str, bytes], compression=zipfile.Z
             archive.writestr(member, data)
     state = json.loads((path / "state.json").read_text())
     state["sha256"][name] = store.sha256_file(path / name)
-    (path / "state.json").write_text(json.dumps(state))
+    (path / "state.json").write_text(_reseal(json.dumps(state)))
 
 
 def _npy_header(shape, descr="<f8") -> bytes:
@@ -246,3 +259,52 @@ def test_forged_npz_is_a_checkpoint_error_before_numpy_allocates(tmp_path, case)
     # Execute / Assert
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit", [("0.55", "0.56"), ('"round": 2', '"round": 2 ')])
+def test_state_json_damaged_in_place_but_still_parseable_is_skipped_and_refused(tmp_path, edit):
+    # Prepare: round 2's state.json changed after it was written; it still parses (the second edit
+    # only adds a space, so the JSON value is unchanged and must still verify)
+    save_checkpoint(tmp_path, 1, **_state(1))
+    bad = save_checkpoint(tmp_path, 2, **_state(5))
+    text = (bad / "state.json").read_text()
+    assert edit[0] in text
+    (bad / "state.json").write_text(text.replace(edit[0], edit[1], 1))
+    damaged = edit[0] == "0.55"
+
+    # Execute / Assert
+    assert latest_checkpoint(tmp_path) == (tmp_path / "round-00001" if damaged else bad)
+    if damaged:
+        with pytest.raises(CheckpointError, match=r"round-00002: state\.json has sha256 .* damaged or edited"):
+            load_checkpoint(bad)
+    else:
+        assert load_checkpoint(bad).extra == _state(5)["extra"]
+
+
+def test_state_json_of_another_format_is_refused_with_the_format_this_code_reads(tmp_path):
+    # Prepare
+    path = save_checkpoint(tmp_path, 1, **_state(1))
+    state = (path / "state.json").read_text().replace(f'"format": {ckpt.FORMAT_VERSION}', '"format": 99')
+    (path / "state.json").write_text(state)
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=rf"format 99; this hetrain reads format {ckpt.FORMAT_VERSION}"):
+        load_checkpoint(path)
+
+
+def test_resave_killed_between_its_two_renames_keeps_the_round_after_cleanup(tmp_path):
+    # Prepare: the state a SIGKILL leaves between `final -> .old-…` and `tmp -> final`
+    first = save_checkpoint(tmp_path, 4, **_state(1))
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    first.rename(tmp_path / ".old-round-00004-0badc0de")
+    torn = tmp_path / ".round-00004.tmp-deadbeef"
+    torn.mkdir()
+    (torn / "params.npz").write_bytes(b"half")
+
+    # Execute
+    cleanup_temp(tmp_path)
+
+    # Assert: the committed round is back, byte for byte; the half-written one is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00004"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert latest_checkpoint(tmp_path) == first and load_checkpoint(first).extra == _state(1)["extra"]

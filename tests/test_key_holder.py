@@ -363,6 +363,73 @@ def test_reopening_the_directory_keeps_the_key_and_the_decryptions_used(tmp_path
     assert ckks.key_id(reopened_public) == holder.key_id
 
 
+def test_entry_appended_but_not_recorded_before_a_crash_is_adopted_and_the_chain_still_verifies(tmp_path):
+    # Prepare: a process killed between the audit append and the state.json write (what the
+    # failpoint keyholder.after_audit_append does in `hetrain bench --faults`)
+    from participants.audit import verify
+
+    directory = tmp_path / "kh"
+    holder, public = make_holder(directory)
+    holder.reveal(make_request(holder, public))
+    state_before = (directory / STATE_FILE).read_bytes()
+    holder.reveal(make_request(holder, public, n_blobs=2))
+    (directory / STATE_FILE).write_bytes(state_before)  # the state write never happened
+
+    # Execute
+    reopened, _ = make_holder(directory)
+    reopened.reveal(make_request(holder, public))
+
+    # Assert: nothing dropped, every entry chained once, the unrecorded charge still counted
+    entries = [json.loads(line) for line in audit_lines(reopened)]
+    assert [e["seq"] for e in entries] == [1, 2, 3]
+    assert reopened.decryptions_used == 4 and entries[-1]["decryptions_used"] == 4
+    assert verify(directory).entries == 3
+
+
+def test_torn_last_audit_line_is_cut_off_on_reopen_and_the_next_entry_chains_on(tmp_path):
+    # Prepare: a half-written line after the recorded head (a write cut short)
+    from participants.audit import verify
+
+    directory = tmp_path / "kh"
+    holder, public = make_holder(directory)
+    holder.reveal(make_request(holder, public))
+    with open(directory / AUDIT_FILE, "a") as fh:
+        fh.write('{"aggregate": 64, "budg')
+
+    # Execute
+    reopened, _ = make_holder(directory)
+    reopened.reveal(make_request(holder, public))
+
+    # Assert
+    assert [json.loads(line)["seq"] for line in audit_lines(reopened)] == [1, 2]
+    assert verify(directory).entries == 2
+
+
+def test_key_creation_interrupted_after_its_first_file_leaves_a_directory_that_reopens(tmp_path, monkeypatch):
+    # Prepare: the second of the two files a new key writes fails (a crash or a full disk there)
+    from mpc_ops import store
+
+    directory, real, calls = tmp_path / "kh", store.write_bytes, []
+
+    def second_write_fails(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_bytes", second_write_fails)
+    with pytest.raises(OSError):
+        make_holder(directory)
+    monkeypatch.undo()
+
+    # Execute
+    reopened, public = make_holder(directory)
+
+    # Assert: a usable key, recorded in the state, instead of a refusal to open
+    assert json.loads((directory / STATE_FILE).read_text())["key_id"] == reopened.key_id
+    assert reopened.reveal(make_request(reopened, public)).decryptions_used == 1
+
+
 def test_open_or_create_refuses_parameters_over_the_128_bit_bound_and_writes_nothing(tmp_path):
     # Prepare
     directory = tmp_path / "kh"

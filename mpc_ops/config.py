@@ -16,9 +16,22 @@ class _Strict(BaseModel):
 
 class OwnerConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
-    path: Path
+    # Exactly one of: the raw table, read in this process, or the owner's own Prefect deployment
+    # ("flow/deployment"), which reads the table on the owner's worker and holds its path itself.
+    path: Path | None = None
+    deployment: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+$")
     features: list[str] = Field(min_length=1)
     label: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "OwnerConfig":
+        if (self.path is None) == (self.deployment is None):
+            got = "both" if self.path is not None else "neither"
+            raise ValueError(
+                f"owner '{self.name}': set exactly one of 'path' (the raw table, read in-process) or "
+                f"'deployment' (the owner's Prefect deployment, 'flow-name/deployment-name'); got {got}"
+            )
+        return self
 
 
 class DataConfig(_Strict):
@@ -55,6 +68,9 @@ class TrainConfig(_Strict):
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
     patience: int | None = Field(None, ge=1)
     workers: int = Field(2, ge=1, le=64)  # processes for ciphertext work (capped at the CPU count)
+    # A retrain (a new generation of a run directory) starts from the newest checkpoint's weights and
+    # optimizer state when true, from a fresh initialisation when false.
+    warm_start: bool = False
 
 
 class RevealPoint(_Strict):
@@ -166,6 +182,12 @@ def _check_model(cfg: RunConfig) -> None:
             raise ValueError("data.owners: in a horizontal split every owner must declare the same features")
     if len({o.name for o in owners}) != len(owners):
         raise ValueError("data.owners: owner names must be unique")
+    deployed = [o.name for o in owners if o.deployment is not None]
+    if deployed and cfg.report.plaintext_twin:
+        raise ValueError(
+            f"report.plaintext_twin must be false when owners run as deployments ({deployed}): the twin needs "
+            f"each owner's standardised plaintext on the trainer's side, which a deployed owner never sends"
+        )
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -228,6 +250,7 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     cfg = parse_config(raw, str(path))
-    owners = [o.model_copy(update={"path": (path.parent / o.path).resolve()}) for o in cfg.data.owners]
+    owners = [o if o.path is None else o.model_copy(update={"path": (path.parent / o.path).resolve()})
+              for o in cfg.data.owners]
     data = cfg.data.model_copy(update={"owners": owners})
     return cfg.model_copy(update={"data": data}), path.resolve()

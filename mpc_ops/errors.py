@@ -50,3 +50,7 @@ class BudgetExhausted(PolicyRefusal):
 
 class CheckpointError(HetrainError):
     """A checkpoint is missing, torn or does not match this run."""
+
+
+class OwnerDeploymentError(HetrainError):
+    """A data owner's own Prefect deployment is missing, did not finish, or failed."""

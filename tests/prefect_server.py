@@ -67,7 +67,7 @@ class PrefectServer:
     @contextlib.contextmanager
     def background(self, *argv: str):
         """Run a long-lived command (a worker) for the duration of the block; its output goes to logs/."""
-        log = self.logs / f"{'-'.join(a.strip('-') for a in argv[:4])}.log"
+        log = self.logs / f"{'-'.join(a.strip('-') for a in argv[:5])}.log"
         with open(log, "w") as sink:
             proc = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], cwd=REPO, env=self.env, stdout=sink,
                                     stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,7 +7,9 @@ following parents walks back across generations and run directories.
 """
 
 import json
+import os
 import re
+import secrets
 from pathlib import Path
 
 from mpc_ops import store
@@ -55,8 +57,12 @@ def open_generation(root: Path, *, resume: bool, warm_start: bool) -> tuple[int,
     parent = {"path": str(parent_path), "sha256": checkpoint_digest(parent_path)} if parent_path else None
     number = (existing[-1] if existing else 0) + 1
     folder = generation_dir(root, number)
-    folder.mkdir(parents=True)  # exists already: another run made it at the same time; fail loudly
-    store.write_json(folder / PARENT_FILE, {"generation": number, "warm_start": warm_start, "checkpoint": parent})
+    # Made under a temporary name and renamed, so a generation folder always holds its parent.json;
+    # the rename fails if another run made the same generation meanwhile.
+    tmp = folder.with_name(f".{folder.name}.tmp-{secrets.token_hex(4)}")
+    store.write_json(tmp / PARENT_FILE, {"generation": number, "warm_start": warm_start, "checkpoint": parent})
+    os.rename(tmp, folder)
+    store.fsync_dir(folder.parent)
     return number, parent
 
 

@@ -56,7 +56,46 @@ def serve(config_path: Path, run_dir: Path, name: str, cron: str, run_name: str)
 
     from .train_flow import train
 
-    train.serve(name=name, cron=cron, global_limit=1, entrypoint_type=EntrypointType.MODULE_PATH,
-                parameters={"config_path": str(config_path), "run_dir": str(run_dir), "retrain": True,
-                            "run_name": run_name},
-                description=f"hetrain scheduled retraining of {config_path.name} into {run_dir}")
+    _quiet_interrupted_start()
+    try:
+        train.serve(name=name, cron=cron, global_limit=1, entrypoint_type=EntrypointType.MODULE_PATH,
+                    parameters={"config_path": str(config_path), "run_dir": str(run_dir), "retrain": True,
+                                "run_name": run_name},
+                    description=f"hetrain scheduled retraining of {config_path.name} into {run_dir}")
+    finally:
+        _pause(f"{train.name}/{name}")
+
+
+def _pause(deployment: str) -> None:
+    """Pause the served deployment. Prefect does this on a normal shutdown, but not when Ctrl-C
+    arrives while its runner is still starting; a paused deployment creates no runs nobody serves."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_deployment_by_name(deployment)
+            if not found.paused:
+                client.update_deployment(found.id, DeploymentUpdate(paused=True))
+    except (ObjectNotFound, httpx.HTTPError):
+        pass  # never registered, or the server is gone: nothing will schedule it
+
+
+def _quiet_interrupted_start() -> None:
+    """Ctrl-C during Prefect's runner start-up leaves a pending asyncio task and an unclosed loop,
+    which Python reports at exit with warnings and an "Exception ignored" traceback. Both are
+    harmless; drop exactly those."""
+    import logging
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"coroutine 'Runner\.start' was never awaited", category=RuntimeWarning)
+    logging.getLogger("asyncio").addFilter(lambda r: "Task was destroyed but it is pending" not in r.getMessage())
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if "BaseEventLoop.__del__" not in repr(unraisable.object):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook

@@ -70,3 +70,32 @@ def test_training_with_deployed_owners_needs_a_server(no_api_url, tmp_path, caps
     assert code == 2
     assert "owners ['clinic_a', 'clinic_b'] run as their own deployments" in err and "PREFECT_API_URL" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_serving_cleanly_and_pauses_the_schedule(tmp_path):
+    # Prepare: a real server; `hetrain serve` in its own process group, as a terminal runs it
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.prefect_server import BIN, prefect_server
+
+    with prefect_server(tmp_path) as server:
+        proc = subprocess.Popen([str(BIN / "hetrain"), "serve", CONFIG, "--cron", "0 3 * * *", "--run-dir",
+                                 str(tmp_path / "run"), "--name", "nightly"], cwd=REPO, env=server.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline, seen = time.monotonic() + 120, ""
+        while "being served" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            seen += proc.stdout.readline()
+        # Execute
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        paused = server.run("prefect", "deployment", "inspect", "train/nightly").stdout
+    # Assert
+    output = seen + rest
+    assert "being served" in seen
+    assert proc.returncode == 0
+    assert "hetrain: stopped serving train/nightly" in output and "Traceback" not in output
+    assert "'paused': True" in paused

@@ -17,8 +17,8 @@ def artifact_key(name: str, suffix: str) -> str:
     return f"{safe}-{suffix}"
 
 
-def write_metrics(path: Path, rounds: list[dict], final: dict) -> None:
-    store.write_json(path, {"rounds": rounds, "final": final})
+def write_metrics(path: Path, rounds: list[dict], final: dict, lineage: dict | None = None) -> None:
+    store.write_json(path, {"rounds": rounds, "final": final, "lineage": lineage})
 
 
 def plot_png(rounds: list[dict], path: Path) -> Path | None:
@@ -58,7 +58,7 @@ def publish_round(name: str, rounds: list[dict], progress_id, total_rounds: int)
 
 
 def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, owners: list[dict],
-                     audit: dict, plot: Path | None, run_dir: Path) -> str:
+                     audit: dict, plot: Path | None, run_dir: Path, lineage: dict | None = None) -> str:
     """The run summary: results, policy decisions, what was revealed to whom, bytes moved."""
     lines = [f"# hetrain run `{name}`", "", "## Result", "",
              "| metric | value |", "| --- | --- |"]
@@ -85,11 +85,30 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
     lines += [f"| {o['owner']} | {o['ciphertexts']} | {o['bytes']:,} | {o['n_train']} | {o['n_test']} | "
               f"{'no (reused)' if o['reused'] else 'yes'} |" for o in owners]
     lines += ["", f"Run directory: `{run_dir}`"]
+    lines += _lineage_section(lineage)
     if plot is not None:
         encoded = base64.b64encode(plot.read_bytes()).decode()
         lines += ["", "## Training curves", "", f"![loss and accuracy](data:image/png;base64,{encoded})",
                   "", f"(also at `{plot}`)"]
     return "\n".join(lines) + "\n"
+
+
+def _lineage_section(lineage: dict | None) -> list[str]:
+    """Config, data, key, parent and produced checkpoint, with digests (`hetrain lineage` walks them)."""
+    if not lineage:
+        return []
+    parent = lineage.get("parent_checkpoint")
+    rows = [("config", f"`{lineage['config_path']}` sha256 `{lineage['config_sha256']}`"),
+            ("key id", f"`{lineage['key_id']}`"),
+            *[(f"owner {owner}", f"manifest sha256 `{digest}`")
+              for owner, digest in sorted(lineage.get("manifest_sha256", {}).items())],
+            ("parent checkpoint", f"`{parent}` sha256 `{lineage['parent_checkpoint_sha256']}`" if parent
+             else "none (fresh start)"),
+            ("final checkpoint", f"`{lineage['checkpoint']}` sha256 `{lineage['checkpoint_sha256']}`"),
+            ("generation", str(lineage.get("generation") or "none")),
+            ("Prefect flow run", f"`{lineage.get('flow_run_id')}`"),
+            ("Prefect deployment", f"`{lineage.get('deployment_id')}`" if lineage.get("deployment_id") else "none")]
+    return ["", "## Lineage", "", "| what | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows]]
 
 
 def _rank_note(audit: dict) -> list[str]:

@@ -1,5 +1,5 @@
-"""The `hetrain` command line: train, bench (and its fault-injection mode), audit, rotate-key, key-holder
-(serve, token), demo-data."""
+"""The `hetrain` command line: train, serve, lineage, bench (and its fault-injection mode), audit,
+rotate-key, key-holder (serve, token), demo-data."""
 
 import argparse
 import os
@@ -118,6 +118,10 @@ def cmd_train(args) -> int:
 
     try:
         cfg, _ = load_config(args.config)
+        deployed = [o.name for o in cfg.data.owners if o.deployment]
+        if deployed:
+            from .serve import check_api_url
+            check_api_url(f"owners {deployed} run as their own deployments, which need")
     except HetrainError as exc:
         return _fail(str(exc))
     run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
@@ -130,14 +134,14 @@ def cmd_train(args) -> int:
     with TrainProgress(cfg.name) as bar:
         try:
             result = train(str(Path(args.config).resolve()), str(run_dir), resume=args.resume,
-                           run_name=f"{cfg.name}")
+                           run_name=f"{cfg.name}", retrain=args.retrain)
         except HetrainError as exc:
             bar.stop()
             return _fail(f"{type(exc).__name__}: {exc}", code=1)
         except OSError as exc:  # a full disk, a lost mount: the run stops, its checkpoints stay usable
             bar.stop()
             return _fail(_io_failure(exc, run_dir), code=1)
-    final = result["final"]
+    final, out = result["final"], Path(result["out_dir"])
     print()
     print(f"hetrain: run '{cfg.name}' finished ({final['stop_reason']})")
     print(f"  test accuracy (encrypted hybrid): {final['test_accuracy']:.4f}")
@@ -145,7 +149,10 @@ def cmd_train(args) -> int:
         print(f"  test accuracy (plaintext twin):   {final['plaintext_twin_test_accuracy']:.4f}")
     print(f"  decryptions: {final['decryptions']}, policy refusals: {final['policy_refusals']}, "
           f"seconds/round: {final['mean_seconds_per_round']}, bytes/round: {final['mean_bytes_per_round']:,}")
-    print(f"  results:  {run_dir}/metrics.json, {run_dir}/summary.md, {run_dir}/plots/training.png")
+    if result["generation"] is not None:
+        parent = result["lineage"]["parent_checkpoint"]
+        print(f"  generation {result['generation']} of {run_dir} ({f'warm start from {parent}' if parent else 'fresh start'})")
+    print(f"  results:  {out}/metrics.json, {out}/summary.md, {out}/plots/training.png")
     print("  Prefect UI: the runs are stored in Prefect's local database; to browse them run")
     print(f"    {_prefect_bin()} server start")
     print("  and open http://127.0.0.1:4200/runs (flow 'train', run "
@@ -164,6 +171,54 @@ def _io_failure(exc: OSError, run_dir: Path) -> str:
             f"then rerun with --resume")
 
 
+def cmd_serve(args) -> int:
+    from mpc_ops.config import load_config
+    from mpc_ops.errors import HetrainError
+
+    from .serve import check_api_url, check_cron, serve
+
+    try:
+        cfg, config_path = load_config(args.config)
+        check_cron(args.cron)
+        url = check_api_url()
+    except HetrainError as exc:
+        return _fail(str(exc))
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
+    name = args.name or cfg.name
+    print(f"hetrain: serving train/{name} on {url} (cron {args.cron!r}); each run is a new generation of {run_dir}")
+    print("  press Ctrl-C to stop (the schedule is paused when serving stops)")
+    try:
+        serve(config_path, run_dir, name, args.cron, cfg.name)
+    except KeyboardInterrupt:
+        pass
+    print(f"hetrain: stopped serving train/{name}")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    import json
+
+    from mpc_ops.errors import HetrainError
+
+    from .lineage import chain, format_chain, newest_checkpoint
+
+    target = Path(args.run_dir)
+    start = target if (target / "state.json").is_file() else newest_checkpoint(target)
+    if start is None:
+        return _fail(f"{target} holds no complete checkpoint (checkpoints/round-* or generations/*/checkpoints/"
+                     f"round-*); is it a run directory?", 1)
+    try:
+        records = chain(start)
+    except HetrainError as exc:
+        return _fail(f"{type(exc).__name__}: {exc}", code=1)
+    if args.json:
+        print(json.dumps({"start": str(start.resolve()), "chain": records}, indent=2))
+    else:
+        print(f"lineage of {start.resolve()} (newest first, {len(records)} checkpoints)")
+        print(format_chain(records))
+    return 0
+
+
 def _prefect_bin() -> str:
     candidate = Path(sys.executable).parent / "prefect"
     return str(candidate) if candidate.exists() else "prefect"
@@ -177,8 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path to the YAML config, e.g. configs/breast_cancer.yaml")
     p.add_argument("--run-dir", help="where keys, bundles, checkpoints and metrics go (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--retrain", action="store_true",
+                   help="a new generation of DIR that reuses its key and unchanged owners' bundles, warm-started "
+                        "from the newest checkpoint if train.warm_start is true (with --resume: continue the newest)")
     p.add_argument("--verbose", action="store_true", help="also print Prefect's own logs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="retrain on a cron schedule with flow.serve (needs a running Prefect server)")
+    p.add_argument("config", help="path to the YAML config")
+    p.add_argument("--cron", required=True, help="five-field cron schedule, e.g. '0 3 * * *'")
+    p.add_argument("--run-dir", help="the stable run directory each run adds a generation to (default runs/<name>)")
+    p.add_argument("--name", help="the deployment name (default: the config's name)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("lineage", help="print a run's checkpoint chain, newest first, following parents")
+    p.add_argument("run_dir", help="a run directory (its newest checkpoint across generations) or a checkpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_lineage)
 
     p = sub.add_parser("bench", help="measure hetrain against its baselines; writes JSON and a markdown report")
     p.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes on 2 cores)")

@@ -10,8 +10,12 @@ Layout of RUN_DIR:
   owners/       owner-local files: the plaintext twin's features (only with report.plaintext_twin)
   checkpoints/  one directory per round
   metrics.json, summary.md, plots/
+  generations/gen-NNNN/  one per retrain (`train(..., retrain=True)`): its own parent.json, checkpoints/,
+                metrics.json, summary.md and plots/; the key holder, exchange and owners/ above are shared,
+                so an owner whose table did not change keeps its bundle
 """
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,11 +33,18 @@ from mpc_ops.policy import cipher_layer_shapes
 from mpc_ops.reveal import KeyHolderClient, RevealRequest, RevealResponse
 
 PUBLIC_CONTEXT = "public_context.bin"
+PARENT_FILE = "parent.json"
 
 
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
+    generation: int | None = None  # None: the run directory's own checkpoints (a plain `hetrain train`)
+
+    @property
+    def out(self) -> Path:
+        """Where this run's checkpoints, metrics, summary and plots go."""
+        return self.root if self.generation is None else generation_dir(self.root, self.generation)
 
     @property
     def key_holder(self) -> Path:
@@ -49,7 +60,7 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.out / "checkpoints"
 
     @property
     def public_context(self) -> Path:
@@ -57,7 +68,19 @@ class RunPaths:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        return self.out / "metrics.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / "summary.md"
+
+    @property
+    def plot(self) -> Path:
+        return self.out / "plots" / "training.png"
+
+
+def generation_dir(root: Path, generation: int) -> Path:
+    return Path(root) / "generations" / f"gen-{generation:04d}"
 
 
 def layer_shape(cfg: RunConfig) -> LayerShape:
@@ -130,10 +153,18 @@ def forget_key_holders() -> None:
 class Runtime:
     """Everything the trainer needs for a round, opened from paths (Prefect passes only paths)."""
 
-    def __init__(self, config_path: str | Path, run_dir: str | Path):
+    def __init__(self, config_path: str | Path, run_dir: str | Path, generation: int | None = None):
         self.cfg, self.config_path = load_config(config_path)
-        self.paths = RunPaths(Path(run_dir).resolve())
+        self.paths = RunPaths(Path(run_dir).resolve(), generation)
         self.plan = packing_plan(self.cfg)
+
+    @cached_property
+    def warm_start_from(self) -> Path | None:
+        """The checkpoint round 1 starts from: a retrain's recorded parent (parent.json), else None."""
+        if self.paths.generation is None:
+            return None
+        parent = json.loads((self.paths.out / PARENT_FILE).read_text())["checkpoint"]
+        return Path(parent["path"]) if parent else None
 
     @cached_property
     def context(self) -> ts.Context:
@@ -170,9 +201,14 @@ class Runtime:
         return store.sha256_bytes("\n".join(keys).encode())
 
     def lineage(self) -> dict:
+        """What this run's results were made from: config, every owner's bundle, the key, where it ran."""
         return {
             "config_path": str(self.config_path),
             "config_sha256": store.sha256_file(self.config_path),
             "key_id": self.key_id,
             "manifests": {name: m["bundle_key"] for name, m in self.store.manifests.items()},
+            "manifest_sha256": {name: store.sha256_file(self.paths.exchange / name / "manifest.json")
+                                for name in self.store.manifests},
+            "run_dir": str(self.paths.root),
+            "generation": self.paths.generation,
         }

@@ -159,9 +159,10 @@ def _unprefixed(prefix: str, state: dict) -> dict:
 @task(name="restore-state", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=transient_only)
 def restore_state(rt: Runtime, hybrid: Learner, twin: Learner | None, round_no: int) -> dict:
-    """Load the previous round's checkpoint into the learners; returns its lineage (or {})."""
-    previous = rt.paths.checkpoints / f"round-{round_no - 1:05d}"
-    if round_no == 1 and not previous.exists():
+    """Load the previous round's checkpoint into the learners (for round 1, a warm start's parent, if any);
+    returns its extra state and its path as `parent_checkpoint` (or {})."""
+    previous = rt.paths.checkpoints / f"round-{round_no - 1:05d}" if round_no > 1 else rt.warm_start_from
+    if previous is None:
         return {}
     ckpt = checkpoint.load_checkpoint(previous)
     try:

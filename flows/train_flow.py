@@ -1,20 +1,23 @@
 """Prefect flows: `train` (parent), one `training-round` child flow run per round, and one
-`prepare-owner` flow per data owner. Flows pass paths and small metadata, never ciphertexts."""
+`prepare-owner` flow per data owner (or the owner's own deployment, see owner_flow). Flows pass
+paths and small metadata, never ciphertexts."""
 
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
 from mpc_ops.failpoints import failpoint
 from mpc_ops.policy import input_train_rounds
 
-from . import artifacts, checkpoint, dask_jobs, progress
+from . import artifacts, checkpoint, dask_jobs, lineage, progress
 from .engine import batch_order, input_frozen_in, summarise
+from .owner_flow import prepare_deployed_owners
 from .runtime import Runtime, forget_key_holders
 from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
@@ -33,19 +36,30 @@ def prepare_owner(config_path: str, run_dir: str, owner: str) -> dict:
 
 
 @flow(name="training-round", flow_run_name="round-{round_no}")
-def training_round(config_path: str, run_dir: str, round_no: int) -> dict:
+def training_round(config_path: str, run_dir: str, round_no: int, generation: int | None = None) -> dict:
     """One epoch over the encrypted training batches, then evaluation and an atomic checkpoint."""
-    row = run_round(config_path, run_dir, round_no)
-    rt = Runtime(config_path, run_dir)
-    _emit(rt, "hetrain.round.completed", row)
-    _emit(rt, "hetrain.checkpoint.written", {"round": round_no, "path": row["checkpoint"]})
+    row = run_round(config_path, run_dir, round_no, generation)
+    rt = Runtime(config_path, run_dir, generation)
+    record = lineage.read_record(Path(row["checkpoint"]))
+    lin = record["lineage"]
+    common = {"run_dir": str(rt.paths.root), "generation": generation, "round": round_no,
+              "test_accuracy": row["test_accuracy"], "checkpoint": row["checkpoint"],
+              "checkpoint_sha256": record["sha256"], "config_sha256": lin["config_sha256"],
+              "key_id": lin["key_id"], "parent_checkpoint": lin["parent_checkpoint"],
+              "flow_run_id": lin["flow_run_id"], "train_flow_run_id": lin["train_flow_run_id"]}
+    _emit(rt, "hetrain.round.completed", {**common, **{k: row[k] for k in ROUND_EVENT_METRICS}})
+    _emit(rt, "hetrain.checkpoint.written", {**common, "manifest_sha256": lin["manifest_sha256"],
+                                             "parent_checkpoint_sha256": lin["parent_checkpoint_sha256"]})
     return row
 
 
-def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
+ROUND_EVENT_METRICS = ("loss", "train_accuracy", "test_loss", "twin_test_accuracy", "seconds", "decryptions")
+
+
+def run_round(config_path: str, run_dir: str, round_no: int, generation: int | None = None) -> dict:
     """The body of a round; tasks go through `run`, so it also runs with the engine off."""
     start = time.perf_counter()
-    rt = Runtime(config_path, run_dir)
+    rt = Runtime(config_path, run_dir, generation)
     traffic = Traffic()
     hybrid, twin = build_learners(rt, round_no, traffic)
     previous = run(restore_state, rt, hybrid, twin, round_no)
@@ -85,18 +99,25 @@ def run_round(config_path: str, run_dir: str, round_no: int) -> dict:
         row["twin_test_accuracy"] = round(summarise(twin_test)[1], 6)
     row["seconds"] = round(time.perf_counter() - start, 3)
     row["checkpoint"] = str(rt.paths.checkpoints / f"round-{round_no:05d}")
-    history = previous.get("history", []) + [row]
+    # A warm start's round 1 restores the parent generation's state, but starts its own history.
+    history = (previous.get("history", []) if round_no > 1 else []) + [row]
     flow_run_id = flow_run.get_id() if ENGINE.get() else None
-    lineage = {**rt.lineage(), "parent_checkpoint": previous.get("parent_checkpoint"),
-               "parent_state_sha256": previous.get("parent_state_sha256"),
-               "flow_run_id": str(flow_run_id) if flow_run_id else None}
-    run(write_checkpoint, rt, round_no, hybrid, twin, lineage, {"history": history})
+    parent = previous.get("parent_checkpoint")
+    record = {**rt.lineage(), "parent_checkpoint": parent,
+              "parent_checkpoint_sha256": lineage.checkpoint_digest(parent) if parent else None,
+              "parent_state_sha256": previous.get("parent_state_sha256"),
+              "flow_run_id": str(flow_run_id) if flow_run_id else None,
+              "train_flow_run_id": flow_run.get_parent_flow_run_id() if flow_run_id else None}
+    run(write_checkpoint, rt, round_no, hybrid, twin, record, {"history": history})
     return row
 
 
 def _emit(rt: Runtime, event: str, payload: dict) -> None:
+    """A Prefect event on the run's resource; its labels let automations match a run directory."""
     emit_event(event=event, resource={"prefect.resource.id": f"hetrain.run.{rt.cfg.name}",
-                                      "prefect.resource.name": rt.cfg.name}, payload=payload)
+                                      "prefect.resource.name": rt.cfg.name,
+                                      "hetrain.run-dir": str(rt.paths.root),
+                                      "hetrain.generation": str(rt.paths.generation or 0)}, payload=payload)
 
 
 def child_flow_settings():
@@ -117,24 +138,37 @@ def _stop_reason(cfg, rounds: list[dict]) -> str | None:
 
 
 @flow(name="train", flow_run_name="{run_name}")
-def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = "hetrain") -> dict:
-    """Prepare every owner, then run rounds until the stop condition; write metrics and the summary."""
+def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = "hetrain",
+          retrain: bool = False) -> dict:
+    """Prepare every owner, then run rounds until the stop condition; write metrics and the summary.
+
+    With `retrain`, each call is a new generation of `run_dir` (RUN_DIR/generations/gen-NNNN/) that
+    shares its key and owners' bundles, and starts from the newest checkpoint if `train.warm_start`
+    is true; `resume` then continues the newest generation instead.
+    """
     logger = get_run_logger()
     rt = Runtime(config_path, run_dir)
     rt.paths.root.mkdir(parents=True, exist_ok=True)
-    checkpoint.cleanup_temp(rt.paths.checkpoints)  # first: it may put back a round a killed re-save moved aside
+    generation, parent = None, None
+    if retrain:
+        generation, parent = lineage.open_generation(rt.paths.root, resume=resume,
+                                                     warm_start=rt.cfg.train.warm_start)
+        rt = Runtime(config_path, run_dir, generation)
+        logger.info("generation %d of %s: %s", generation, rt.paths.root,
+                    f"warm start from {parent['path']}" if parent else "fresh start")
+    checkpoint.cleanup_temp(rt.paths.checkpoints)  # before reading: it may put back a round a killed re-save moved aside
     latest = checkpoint.latest_checkpoint(rt.paths.checkpoints)
     if latest is not None and not resume:
         raise CheckpointError(
-            f"run directory {rt.paths.root} already holds checkpoints (newest {latest.name}); pass --resume "
-            f"to continue it, or choose another --run-dir"
+            f"run directory {rt.paths.out} already holds checkpoints (newest {latest.name}); pass --resume "
+            f"to continue it, --retrain to start a new generation in it, or choose another --run-dir"
         )
-    checkpoint.cleanup_temp(rt.paths.checkpoints)
     forget_key_holders()
     key_id = set_up_key_holder(rt)
     logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)
+    deployed = prepare_deployed_owners(rt)  # owners that run on their own work pools
     with child_flow_settings():
-        owners = [prepare_owner(config_path, run_dir, o.name) for o in rt.cfg.data.owners]
+        owners = [deployed.get(o.name) or prepare_owner(config_path, run_dir, o.name) for o in rt.cfg.data.owners]
 
     rounds, first = [], 1
     if latest is not None:
@@ -155,7 +189,7 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
             if reason:
                 break
             with child_flow_settings():
-                row = round_flow(config_path, run_dir, round_no)
+                row = round_flow(config_path, run_dir, round_no, generation)
             failpoint("train.after_round")
             rounds.append(row)
             progress_id = artifacts.publish_round(rt.cfg.name, rounds, progress_id, rt.cfg.train.rounds)
@@ -173,14 +207,30 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
         "mean_seconds_per_round": round(sum(r["seconds"] for r in rounds) / len(rounds), 3),
         "mean_bytes_per_round": int(sum(r["bytes_from_owners"] + r["bytes_to_key_holder"]
                                         + r["bytes_from_key_holder"] for r in rounds) / len(rounds)),
-        "key_id": key_id,
+        "key_id": key_id, "generation": generation,
         "dp_epsilon": max((led["dp_epsilon"] for led in audit["ledger"].values()
                            if led["dp_epsilon"] is not None), default=None),
     }
-    artifacts.write_metrics(rt.paths.metrics, rounds, final)
-    plot = artifacts.plot_png(rounds, rt.paths.root / "plots" / "training.png")
+    run_lineage = _run_lineage(rt, parent, Path(last["checkpoint"]))
+    artifacts.write_metrics(rt.paths.metrics, rounds, final, run_lineage)
+    plot = artifacts.plot_png(rounds, rt.paths.plot)
     policy = rt.cfg.policy.model_dump()
-    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.root)
-    artifacts.publish_summary(rt.cfg.name, markdown, rt.paths.root / "summary.md")
+    markdown = artifacts.summary_markdown(rt.cfg.name, final, rounds, policy, owners, audit, plot, rt.paths.out,
+                                          run_lineage)
+    artifacts.publish_summary(rt.cfg.name, markdown, rt.paths.summary)
+    _emit(rt, "hetrain.run.completed", {"run_dir": str(rt.paths.root), "generation": generation,
+                                        "rounds": len(rounds), "test_accuracy": final["test_accuracy"],
+                                        "stop_reason": reason, **run_lineage})
     progress.notify("run-done", final=final)
-    return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root)}
+    return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root), "out_dir": str(rt.paths.out),
+            "generation": generation, "lineage": run_lineage}
+
+
+def _run_lineage(rt: Runtime, parent: dict | None, final_checkpoint: Path) -> dict:
+    """The run summary's lineage: what it was made from, what it started from, what it produced."""
+    train_run = flow_run.get_id()
+    return {**rt.lineage(), "parent_checkpoint": parent["path"] if parent else None,
+            "parent_checkpoint_sha256": parent["sha256"] if parent else None,
+            "flow_run_id": str(train_run) if train_run else None,
+            "deployment_id": deployment.get_id(),
+            "checkpoint": str(final_checkpoint), "checkpoint_sha256": lineage.checkpoint_digest(final_checkpoint)}

@@ -19,9 +19,22 @@ class _Strict(BaseModel):
 
 class OwnerConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
-    path: Path
+    # Exactly one of: the raw table, read in this process, or the owner's own Prefect deployment
+    # ("flow/deployment"), which reads the table on the owner's worker and holds its path itself.
+    path: Path | None = None
+    deployment: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+$")
     features: list[str] = Field(min_length=1)
     label: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "OwnerConfig":
+        if (self.path is None) == (self.deployment is None):
+            got = "both" if self.path is not None else "neither"
+            raise ValueError(
+                f"owner '{self.name}': set exactly one of 'path' (the raw table, read in-process) or "
+                f"'deployment' (the owner's Prefect deployment, 'flow-name/deployment-name'); got {got}"
+            )
+        return self
 
 
 class DataConfig(_Strict):
@@ -61,6 +74,9 @@ class TrainConfig(_Strict):
     # Where ciphertext jobs run: a local process pool, or Dask through prefect-dask's DaskTaskRunner
     compute: Literal["processes", "dask"] = "processes"
     dask_address: str | None = Field(None, pattern=r"^(tcp|tls|inproc)://\S+$")  # None: a LocalCluster of `workers`
+    # A retrain (a new generation of a run directory) starts from the newest checkpoint's weights and
+    # optimizer state when true, from a fresh initialisation when false.
+    warm_start: bool = False
 
 
 class RevealPoint(_Strict):
@@ -231,6 +247,12 @@ def _check_model(cfg: RunConfig) -> None:
             raise ValueError("data.owners: in a horizontal split every owner must declare the same features")
     if len({o.name for o in owners}) != len(owners):
         raise ValueError("data.owners: owner names must be unique")
+    deployed = [o.name for o in owners if o.deployment is not None]
+    if deployed and cfg.report.plaintext_twin:
+        raise ValueError(
+            f"report.plaintext_twin must be false when owners run as deployments ({deployed}): the twin needs "
+            f"each owner's standardised plaintext on the trainer's side, which a deployed owner never sends"
+        )
 
 
 def _check_rank(cfg: RunConfig) -> None:
@@ -335,7 +357,8 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         cfg = parse_config(_environment_overrides(raw), str(path))
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to validate") from None
-    owners = [o.model_copy(update={"path": (path.parent / o.path).resolve()}) for o in cfg.data.owners]
+    owners = [o if o.path is None else o.model_copy(update={"path": (path.parent / o.path).resolve()})
+              for o in cfg.data.owners]
     data = cfg.data.model_copy(update={"owners": owners})
     files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()
              if k in KEY_HOLDER_FILES and v is not None}

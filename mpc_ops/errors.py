@@ -70,3 +70,7 @@ class KeyHolderRejected(HetrainError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class OwnerDeploymentError(HetrainError):
+    """A data owner's own Prefect deployment is missing, did not finish, or failed."""

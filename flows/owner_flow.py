@@ -1,0 +1,126 @@
+"""A data owner's preparation as its own Prefect deployment, run by the owner's own worker.
+
+The owner's deployment (prefect.yaml, work pool `owner-<name>`) holds the raw table's path as its
+own parameter; the trainer triggers it with the exchange location and the public context's location
+only, so the owner's worker is the only process that ever reads the raw table.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+
+from mpc_ops import store
+from mpc_ops.config import OwnerConfig, RunConfig, parse_config
+from mpc_ops.errors import ConfigError, OwnerDeploymentError
+from participants import data_owner
+
+from .runtime import Runtime, packing_plan
+from .tasks import transient_only
+
+OWNER_TIMEOUT_SECONDS = 3600.0
+POLL_SECONDS = 1.0
+
+
+def owner_summary(manifest: dict, reused: bool) -> dict:
+    """What the run summary shows per owner: sizes and whether the bundle was reused."""
+    blobs = data_owner.ciphertext_entries(manifest)
+    return {"owner": manifest["owner"], "reused": reused, "bytes": sum(e["bytes"] for e in blobs),
+            "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
+            "n_test": manifest["splits"]["test"]["n"]}
+
+
+def owner_entry(cfg: RunConfig, owner: str, table_path: str) -> OwnerConfig:
+    """The trainer's entry for `owner`, pointed at the table path the owner's deployment holds."""
+    entry = next((o for o in cfg.data.owners if o.name == owner), None)
+    if entry is None:
+        raise ConfigError(f"owner '{owner}' is not one of the config's data.owners "
+                          f"({[o.name for o in cfg.data.owners]})")
+    return entry.model_copy(update={"path": Path(table_path).resolve(), "deployment": None})
+
+
+@task(name="encrypt-owner-bundle", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient_only)
+def encrypt_owner_bundle(cfg: RunConfig, owner: OwnerConfig, exchange_dir: str, public_context: str) -> dict:
+    """Validate, standardise and encrypt the owner's table into the exchange store."""
+    context = Path(public_context).read_bytes()
+    manifest = data_owner.prepare(cfg, owner, context, packing_plan(cfg), Path(exchange_dir))
+    return owner_summary(manifest, manifest["reused"])
+
+
+@flow(name="prepare-owner-bundle", flow_run_name="prepare-{owner}")
+def prepare_owner_bundle(owner: str, table_path: str, config: dict, exchange_dir: str, public_context: str) -> dict:
+    """The owner's side, on the owner's worker: its own table in, a ciphertext bundle out.
+
+    `owner` and `table_path` are the deployment's own parameters; the trainer passes only the
+    validated config, the exchange folder and the public context's path.
+    """
+    cfg = parse_config(config, f"config sent to owner '{owner}'")
+    summary = encrypt_owner_bundle(cfg, owner_entry(cfg, owner, table_path), exchange_dir, public_context)
+    get_run_logger().info("owner %s: %d ciphertexts, %d bytes (%s)", owner, summary["ciphertexts"],
+                          summary["bytes"], "reused" if summary["reused"] else "encrypted")
+    return summary
+
+
+def _manifest_digest(rt: Runtime, owner: str) -> str | None:
+    path = rt.paths.exchange / owner / data_owner.MANIFEST
+    return store.sha256_file(path) if path.is_file() else None
+
+
+def prepare_deployed_owners(rt: Runtime, timeout: float = OWNER_TIMEOUT_SECONDS) -> dict[str, dict]:
+    """Trigger every owner given by `deployment`, wait for all, and summarise their bundles.
+
+    The runs are started together (each on its owner's own work pool) and linked to the current
+    flow run as subflows. Raises OwnerDeploymentError naming the owner, deployment and state.
+    """
+    owners = [o for o in rt.cfg.data.owners if o.deployment is not None]
+    if not owners:
+        return {}
+    parameters = {"config": rt.cfg.model_dump(mode="json"), "exchange_dir": str(rt.paths.exchange),
+                  "public_context": str(rt.paths.public_context)}
+    before = {o.name: _manifest_digest(rt, o.name) for o in owners}
+    started = {}
+    for o in owners:
+        try:
+            started[o.name] = run_deployment(o.deployment, parameters=parameters, timeout=0)
+        except ObjectNotFound:
+            raise OwnerDeploymentError(
+                f"owner '{o.name}': deployment '{o.deployment}' does not exist on the Prefect server; run "
+                f"`prefect deploy --all` from the repository root (prefect.yaml) against that server"
+            ) from None
+    finished = _wait(started, timeout)
+    summaries = {}
+    for o in owners:
+        state = finished[o.name].state
+        if state is None or not state.is_completed():
+            raise OwnerDeploymentError(
+                f"owner '{o.name}': deployment '{o.deployment}' ended {state.name if state else 'without a state'}"
+                f" ({state.message if state and state.message else 'see its flow run in the UI'}); "
+                f"no bundle was published"
+            )
+        manifest = json.loads((rt.paths.exchange / o.name / data_owner.MANIFEST).read_text())
+        summaries[o.name] = owner_summary(manifest, reused=before[o.name] == _manifest_digest(rt, o.name))
+    return summaries
+
+
+def _wait(started: dict, timeout: float) -> dict:
+    """Poll the owners' flow runs until all are final; raise OwnerDeploymentError past `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {name: client.read_flow_run(run.id) for name, run in started.items()}
+            waiting = {n: r.state.name if r.state else "no state" for n, r in runs.items()
+                       if r.state is None or not r.state.is_final()}
+            if not waiting:
+                return runs
+            if time.monotonic() > deadline:
+                raise OwnerDeploymentError(
+                    f"owners {sorted(waiting)} did not finish within {timeout:.0f} s (states {waiting}); is a "
+                    f"worker polling each owner's work pool (`prefect worker start --pool owner-<name>`)?"
+                )
+            time.sleep(POLL_SECONDS)

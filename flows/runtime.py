@@ -19,7 +19,7 @@ from mpc_ops.bundle import ExchangeStore
 from mpc_ops.config import RunConfig, load_config
 from mpc_ops.packing import PackingPlan
 from mpc_ops.planner import LayerShape, plan_layer
-from mpc_ops.policy import cipher_layer_shapes
+from mpc_ops.policy import reveal_shapes
 from mpc_ops.reveal import RevealRequest, RevealResponse
 
 PUBLIC_CONTEXT = "public_context.bin"
@@ -79,7 +79,7 @@ class LocalKeyHolderClient:
         directory = Path(directory).resolve()
         holder = self._open.get(directory)
         if holder is None or holder.policy != cfg.policy:
-            holder = KeyHolder.open_or_create(directory, cfg.ckks.params(), cfg.policy, cipher_layer_shapes(cfg))
+            holder = KeyHolder.open_or_create(directory, cfg.ckks.params(), cfg.policy, reveal_shapes(cfg))
             self._open[directory] = holder
         self._holder = holder
 

@@ -9,11 +9,13 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from mpc_ops.errors import CheckpointError
+from mpc_ops.depth_plan import uses_tiled
 from mpc_ops.policy import input_train_rounds
 
 from . import artifacts, checkpoint, progress
 from .engine import batch_order, input_frozen_in, summarise
 from .runtime import LocalKeyHolderClient, Runtime
+from .tiled_flow import train_tiled
 from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
 
@@ -123,6 +125,11 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
             f"to continue it, or choose another --run-dir"
         )
     checkpoint.cleanup_temp(rt.paths.checkpoints)
+    if uses_tiled(rt.cfg):  # strict, mixed or encrypted-label policy: the tiled engine (flows/tiled_flow.py)
+        if latest is not None:
+            raise CheckpointError(f"{rt.paths.root}: resuming a {rt.cfg.policy.labels}-label tiled run is not supported yet; "
+                                  f"start a new --run-dir")
+        return train_tiled(config_path, run_dir)
     LocalKeyHolderClient.forget()
     key_id = set_up_key_holder(rt)
     logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)

@@ -6,7 +6,10 @@ import os
 import numpy as np
 
 
-def error_bound(scale_bits: int, poly_modulus_degree: int, segment: int) -> float:
+DEPTH_GROWTH = 2.0  # B's factor per level past the first; calibrated below and in tests/test_strict_flooding.py
+
+
+def error_bound(scale_bits: int, poly_modulus_degree: int, segment: int, depth: int = 1) -> float:
     """Worst-case absolute CKKS error of a revealed value: a depth-1 ct×plain product followed by a
     rotate-and-sum over `segment` slots (log2(segment) rotations).
 
@@ -16,9 +19,17 @@ def error_bound(scale_bits: int, poly_modulus_degree: int, segment: int) -> floa
     2^-33.5). The bound takes 2^(23 - scale_bits) (2^-27 at scale 2^50, a 2x margin over the worst
     key seen), grows with sqrt(N) and linearly in the number of rotations past 7.
     tests/test_flooding.py checks measured errors against it.
+
+    Deeper circuits (strict and encrypted-label runs: ciphertext × ciphertext products, polynomial
+    activations, tiled block sums) pile up rescaling and encoding errors, each amplified by the
+    values it multiplies (features clipped to ±4, weights, activations): the bound doubles per
+    level past the first (DEPTH_GROWTH). Measured over several keys on N=16384, scale 2^50, the
+    worst error of each strict reveal stayed at least 4x under it (see docs/SECURITY.md and
+    tests/test_strict_flooding.py). The key holder reads the depth from the ciphertext's level.
     """
     rotations = max(1, int(segment).bit_length() - 1)
-    return 2.0 ** (23 - scale_bits) * math.sqrt(poly_modulus_degree / 8192) * max(1.0, rotations / 7)
+    base = 2.0 ** (23 - scale_bits) * math.sqrt(poly_modulus_degree / 8192) * max(1.0, rotations / 7)
+    return base * DEPTH_GROWTH ** max(0, depth - 1)
 
 
 def flood_sigma(security_bits: int, budget: int, bound: float) -> float:

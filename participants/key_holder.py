@@ -126,15 +126,20 @@ class KeyHolder:
                     f"this request needs {len(request.blobs)}; rotate the key with `hetrain rotate-key RUN_DIR`, "
                     f"then resume (the owners re-encrypt under the new key)"
                 )
-            sigma = flooding.flood_sigma(
-                self.policy.flooding.security_bits, self.budget,
-                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride)),
-            )
             # Charge the budget and the ledger before decrypting: a decryption leaks whether or not
             # it is returned.
             self.decryptions_used += len(request.blobs)
             self.ledger.record(request)
-            values = [self._decrypt(b, s, c, slots) for b, s, c in zip(request.blobs, request.stride, request.counts)]
+            decrypted = [self._decrypt(b, s, c, slots) for b, s, c in zip(request.blobs, request.stride, request.counts)]
+            values = [v for v, _ in decrypted]
+            # B grows with the levels the circuit consumed, read from the ciphertexts themselves
+            # (a trainer cannot make a deep result look shallow: every product costs a level)
+            depth = max(level for _, level in decrypted)
+            sigma = flooding.flood_sigma(
+                self.policy.flooding.security_bits, self.budget,
+                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride),
+                                     depth=depth),
+            )
         except (PolicyRefusal, BundleError) as exc:
             self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))
             raise
@@ -156,10 +161,12 @@ class KeyHolder:
             if s < 1 or c < 1 or s * (c - 1) >= slots:
                 raise BundleError(f"reveal request: stride {s} × count {c} does not fit {slots} slots")
 
-    def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> np.ndarray:
+    def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> tuple[np.ndarray, int]:
+        """The requested slots and the depth (levels consumed) of the ciphertext."""
         full = wire.with_size(blob, slots, max_slots=slots)
         try:
             vector = ts.ckks_vector_from(self._context, full)
+            depth = len(self.params.coeff_mod_bit_sizes) - 1 - vector.ciphertext()[0].coeff_modulus_size()
             values = np.asarray(vector.decrypt())[: stride * count : stride]
         except (RuntimeError, ValueError, TypeError) as exc:  # TenSEAL/SEAL reject a corrupt payload
             raise BundleError(f"ciphertext cannot be loaded or decrypted: {exc}") from None
@@ -169,7 +176,7 @@ class KeyHolder:
                 f"decrypted values reach {np.abs(values).max():.3g}, beyond the headroom of {limit:g}: "
                 f"the ciphertext was made under another key or overflowed its scale"
             )
-        return values
+        return values, max(1, depth)
 
     def audit_summary(self) -> dict:
         """Public counts from the audit log: reveals allowed and refused (by rule), σ, budget use."""

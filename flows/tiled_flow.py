@@ -139,7 +139,9 @@ def _round_reveal(session: Session, round_no: int):
 def train_batch_tiled(session: Session, ref: TiledRef) -> Outcome:
     """Forward, (reveal), loss, backward and reveal of aggregated gradients for one encrypted batch."""
     rt = session.rt
-    x = rt_store(session).load(session.learner.ops, ref, public_labels=rt.cfg.policy.labels == "reveal")
+    cached = session.learner.net.frozen and ref.batch_id in session.learner.frozen_cache
+    x = rt_store(session).load(session.learner.ops, ref, public_labels=rt.cfg.policy.labels == "reveal",
+                               features=not cached)
     session.current_rows[0] = x.rows
     return session.learner.train_batch(x)
 
@@ -201,7 +203,8 @@ def evaluate_tiled(session: Session) -> tuple[float, float]:
     store_ = rt_store(session)
     outcomes = []
     for ref in store_.batches("test"):
-        x = store_.load(session.learner.ops, ref, public_labels=rt.cfg.policy.labels == "reveal")
+        cached = session.learner.net.frozen and ref.batch_id in session.learner.frozen_cache
+        x = store_.load(session.learner.ops, ref, public_labels=rt.cfg.policy.labels == "reveal", features=not cached)
         session.current_rows[0] = x.rows
         outcomes.append(session.learner.eval_batch(x))
     n = sum(o.m for o in outcomes)

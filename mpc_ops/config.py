@@ -207,6 +207,10 @@ def _check_depth(cfg: RunConfig) -> None:
     """The circuit's counted depth fits the chain (or, with ckks.auto, picks it)."""
     from .depth_plan import chain_for_depth, circuit_depth, uses_tiled
 
+    if uses_tiled(cfg) and cfg.policy.dp is not None:
+        raise ValueError(
+            "policy.dp is not supported with strict, mixed or encrypted-label policies yet (their revealed "
+            "gradients carry a gain that would divide the DP noise); remove policy.dp or use the hybrid policy")
     if cfg.ckks.auto:
         depth = circuit_depth(cfg)
         try:

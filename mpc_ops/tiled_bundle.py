@@ -90,13 +90,15 @@ class TiledStore:
             raise AlignmentError(f"batch {ref.batch_id}: owners disagree on its size ({sorted(sizes)})")
         return sizes.pop()
 
-    def load(self, ops: CipherOps, ref: TiledRef, public_labels: bool) -> Inputs:
-        """The batch's ciphertexts as Vals: replicated columns in input order, the summed block vector."""
+    def load(self, ops: CipherOps, ref: TiledRef, public_labels: bool, features: bool = True) -> Inputs:
+        """The batch's ciphertexts as Vals: replicated columns in input order, the summed block vector.
+        Without `features` only the labels are read (a frozen layer's outputs are cached)."""
         rep, block, enc = [], None, None
         for owner in ref.owners:
             entry = self._entry(owner, ref)
-            rep += [ops.load(self._read(owner, e)) for e in entry["rep"]]
-            if entry["block"] is not None:
+            if features:
+                rep += [ops.load(self._read(owner, e)) for e in entry["rep"]]
+            if features and entry["block"] is not None:
                 part = ops.load(self._read(owner, entry["block"]))
                 block = part if block is None else ops.add(block, part)  # disjoint blocks: a sum joins them
             if entry["labels"]:

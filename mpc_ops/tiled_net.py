@@ -8,7 +8,12 @@ Labels are public (`labels: reveal`) or encrypted by the label owner; then δ at
 p − Enc(y) and stays ciphertext through every layer, and only aggregates are revealed:
 weight gradients (block sums over the batch) and the batch's loss and correct count.
 
-Every weight gradient is a sum over the batch; the learner divides by m after the reveal.
+Revealed weight gradients are GAIN × the batch mean (the sum over the batch / 8 at m = 64), metrics
+are means: the factor is folded into a public multiplier (a block mask, a weight, a polynomial
+coefficient) at no extra level and divided out after the reveal. The CKKS error of a reveal is a
+part relative to the values (≈ 2^-29·|v|, growing with depth) plus the rotations' key-switching
+noise (≈ 2^-28, absolute); values of a few units balance the two, which keeps B, hence σ,
+smallest relative to the signal (mpc_ops/flooding.py).
 
 Depth (levels consumed) of each value is tracked by `circuit.Val`; `circuit_depth` runs a
 step on the numpy engine to count it, which is what the planner checks against the chain.
@@ -25,6 +30,7 @@ from .polyact import PolyActivation, PolyFit, linear_sigmoid
 from .tiled import Tiling
 
 SIGMOID_LINE = linear_sigmoid()
+GAIN = 8.0  # revealed gradients are GAIN × batch means
 
 
 @dataclass
@@ -136,17 +142,18 @@ class TiledNet:
             hs, zs = self.cipher_forward(ops, x)
         if not self.reveal_point:
             outcome, deltas = self._strict_top(ops, x, zs[-1])
+            scaled = False
         else:
             if cached_z is not None and self.frozen:
                 z_revealed = cached_z
             else:
                 z_revealed = reveal(Reveal("activation", self.layers[self.top_cipher].name, zs[-1], 1, m,
                                            self.layers[self.top_cipher].W.shape[0]))
-            outcome, deltas = self._plain_top(ops, x, z_revealed, reveal, train)
+            outcome, deltas, scaled = self._plain_top(ops, x, z_revealed, reveal, train)
         if not train:
             return outcome, z_revealed
         if not (self.frozen and self.reveal_point):
-            self._cipher_backward(ops, x, hs, zs, deltas, reveal)
+            self._cipher_backward(ops, x, hs, zs, deltas, reveal, scaled)
         return outcome, z_revealed
 
     def _strict_top(self, ops: Ops, x: Inputs, top: list[Val]) -> tuple[Outcome, list[Val]]:
@@ -159,8 +166,9 @@ class TiledNet:
             y = [public(self.tiling.rep((x.labels == c).astype(float))) for c in range(len(top))]
         return Outcome(None, None, x.m), [ops.sub(z, yc) for z, yc in zip(top, y)]
 
-    def _plain_top(self, ops: Ops, x: Inputs, z: np.ndarray, reveal, train: bool) -> tuple[Outcome, list[Val]]:
-        """Plaintext layers above the reveal point; δ comes back as public or encrypted values."""
+    def _plain_top(self, ops: Ops, x: Inputs, z: np.ndarray, reveal, train: bool) -> tuple[Outcome, list[Val], bool]:
+        """Plaintext layers above the reveal point; δ comes back as public or encrypted values, and
+        whether it already carries the batch's 1/m."""
         t, m = self.tiling, x.m
         acts = z
         for layer in self.layers[self.top_cipher + 1 :]:
@@ -182,14 +190,14 @@ class TiledNet:
                 loss = float(-(onehot * np.log(np.clip(p, 1e-12, 1))).sum())
             outcome = Outcome(loss, int((pred == y).sum()), m, logits)
             if not train:
-                return outcome, []
-            delta = self._plain_backward(p - onehot)
-            return outcome, [public(t.rep(delta[:, k])) for k in range(delta.shape[1])]
+                return outcome, [], True
+            delta = GAIN * self._plain_backward((p - onehot) / m)
+            return outcome, [public(t.rep(delta[:, k])) for k in range(delta.shape[1])], True
         outcome = Outcome(*self._encrypted_metrics(ops, x, p, pred, reveal), m, logits)
         if not train:
-            return outcome, []
+            return outcome, [], True
         deltas = [ops.sub(public(t.rep(p[:, c])), x.enc_labels[c]) for c in range(p.shape[1])]
-        return outcome, self._encrypted_plain_backward(ops, x, deltas, reveal)
+        return (outcome, *self._encrypted_plain_backward(ops, x, deltas, reveal))
 
     def _encrypted_metrics(self, ops: Ops, x: Inputs, p: np.ndarray, pred: np.ndarray, reveal) -> tuple[float, int]:
         """Loss and correct count, both linear in the encrypted labels: block 0 sums −log p(y), block 1 [pred = y]."""
@@ -198,17 +206,17 @@ class TiledNet:
         if self.task == "binary":
             log1m = np.log(np.clip(1 - p[:, 0], 1e-12, 1.0))
             # −[y log p + (1−y) log(1−p)] = −y (log p − log(1−p)) − log(1−p);  [pred=y] = y(2 pred − 1) + 1 − pred
-            coeff = t.block(np.stack([-(logp[:, 0] - log1m), 2 * pred - 1.0], axis=1))
+            coeff = t.block(np.stack([-(logp[:, 0] - log1m), 2 * pred - 1.0], axis=1) / m)
             acc = ops.mul(x.enc_labels[0], public(coeff))
             const = np.array([-log1m.sum(), float((1 - pred).sum())])
         else:
             acc = None
             for c in range(p.shape[1]):
-                coeff = t.block(np.stack([-logp[:, c], (pred == c).astype(float)], axis=1))
+                coeff = t.block(np.stack([-logp[:, c], (pred == c).astype(float)], axis=1) / m)
                 term = ops.mul(x.enc_labels[c], public(coeff))
                 acc = term if acc is None else ops.add(acc, term)
             const = np.zeros(2)
-        values = reveal(Reveal("metric", "metrics", [ops.block_sum(acc, t.n)], t.n, 2, m))[:, 0] + const
+        values = m * reveal(Reveal("metric", "metrics", [ops.block_sum(acc, t.n)], t.n, 2, m))[:, 0] + const
         return float(values[0]), int(round(values[1]))
 
     def _plain_backward(self, delta: np.ndarray) -> np.ndarray:
@@ -217,51 +225,58 @@ class TiledNet:
             delta = layer.backward(delta)
         return delta
 
-    def _encrypted_plain_backward(self, ops: Ops, x: Inputs, deltas: list[Val], reveal) -> list[Val]:
+    def _encrypted_plain_backward(self, ops: Ops, x: Inputs, deltas: list[Val], reveal) -> tuple[list[Val], bool]:
         """Backward through plaintext layers with an encrypted δ: ciphertext × public, gradients block-summed."""
-        t = self.tiling
+        t, m, scaled = self.tiling, x.m, False
         upper = self.layers[self.top_cipher + 1 :]
         # public inputs of each plaintext Linear and pre-activations of each activation, from forward
         for pos in range(len(upper) - 1, -1, -1):
             layer = upper[pos]
             if isinstance(layer, Linear):
                 a = layer._x  # the public input the forward pass cached
-                a_block = public(t.block(a) + t.mask(a.shape[1], x.m))
+                f = 1.0 if scaled else GAIN / m  # GAIN × the batch mean, folded into public multipliers
+                a_block = public(f * (t.block(a) + t.mask(a.shape[1], x.m)))
                 grads = reveal(Reveal("gradient", layer.name, [ops.block_sum(ops.mul(a_block, d), t.n) for d in deltas],
-                                      t.n, a.shape[1] + 1, x.m))
+                                      t.n, a.shape[1] + 1, x.m)) / GAIN
                 layer.grad_W, layer.grad_b = grads[:-1], grads[-1]
                 act = upper[pos - 1] if pos > 0 else None
                 deriv = _plain_derivative(act, a.shape) if act is not None else np.ones(a.shape)
                 # fold W[k, c]·act'(z_k) into one public vector per (k, c): one level for the whole layer
-                deltas = [_sum(ops, [ops.mul(d, public(t.rep(layer.W[k, c] * deriv[:, k]))) for c, d in enumerate(deltas)])
+                deltas = [_sum(ops, [ops.mul(d, public(t.rep(f * layer.W[k, c] * deriv[:, k]))) for c, d in enumerate(deltas)])
                           for k in range(layer.W.shape[0])]
-        return deltas
+                scaled = True
+        return deltas, scaled
 
-    def _cipher_backward(self, ops: Ops, x: Inputs, hs, zs, deltas: list[Val], reveal) -> None:
-        t = self.tiling
+    def _cipher_backward(self, ops: Ops, x: Inputs, hs, zs, deltas: list[Val], reveal, scaled: bool) -> None:
+        t, m = self.tiling, x.m
         cipher_linears = self.linears[: self.cipher]
         for level in range(self.cipher - 1, -1, -1):
             i = cipher_linears[level]
             layer, h = self.layers[i], hs[level]
+            f, post = (1.0 if scaled else GAIN / m), 1.0 / GAIN
             if level == 0:
                 # Xblock + ones block (bias): one ct×ct and one rotate-and-sum per output unit
                 a_block = ops.add(x.block, public(t.mask(len(h), x.m)))
+                if not scaled:  # a one-layer strict net: no public multiplier to fold the gain into
+                    post, f = 1.0 / m, 1.0
             else:
-                parts = [ops.mul(v, public(t.mask(j, x.m))) for j, v in enumerate(h)]
-                a_block = ops.add(_sum(ops, parts), public(t.mask(len(h), x.m)))
-            grads = reveal(Reveal("gradient", layer.name, [ops.block_sum(ops.mul(a_block, d), t.n) for d in deltas],
-                                  t.n, len(h) + 1, x.m))
+                parts = [ops.mul(v, public(f * t.mask(j, x.m))) for j, v in enumerate(h)]
+                a_block = ops.add(_sum(ops, parts), public(f * t.mask(len(h), x.m)))
+            grads = post * reveal(Reveal("gradient", layer.name, [ops.block_sum(ops.mul(a_block, d), t.n) for d in deltas],
+                                         t.n, len(h) + 1, x.m))
             layer.grad_W, layer.grad_b = grads[:-1], grads[-1]
             if level == 0:
                 break
             act = self.layers[i - 1]
             z_below = zs[level - 1]
-            if len(deltas) == 1:  # fold W[k]·p'(z_k) into one polynomial: one level fewer
-                deltas = [ops.mul(deltas[0], poly_derivative(ops, act.poly, z_below[k], layer.W[k, 0]))
+            g = 1.0 if scaled else GAIN / m
+            if len(deltas) == 1:  # fold (1/m)·W[k]·p'(z_k) into one polynomial: one level fewer
+                deltas = [ops.mul(deltas[0], poly_derivative(ops, act.poly, z_below[k], g * layer.W[k, 0]))
                           for k in range(layer.W.shape[0])]
             else:
-                deltas = [ops.mul(ops.lin([(d, layer.W[k, c]) for c, d in enumerate(deltas)]),
+                deltas = [ops.mul(ops.lin([(d, g * layer.W[k, c]) for c, d in enumerate(deltas)]),
                                   poly_derivative(ops, act.poly, z_below[k])) for k in range(layer.W.shape[0])]
+            scaled = True
 
 
 def _sum(ops: Ops, vals: list[Val]) -> Val:
@@ -305,11 +320,13 @@ class TiledLearner:
         if self.net.frozen:
             for key in self._cipher_keys():
                 params.pop(key), grads.pop(key)
-        self.optimizer.step(params, {k: g / x.m for k, g in grads.items()})
+        self.optimizer.step(params, grads)  # every gradient is already a batch mean
         return out
 
     def eval_batch(self, x: Inputs) -> Outcome:
-        out, _ = self.net.step(self.ops, x, self.reveal, self.frozen_cache.get(x.batch_id), train=False)
+        out, z = self.net.step(self.ops, x, self.reveal, self.frozen_cache.get(x.batch_id), train=False)
+        if self.net.frozen and z is not None:
+            self.frozen_cache[x.batch_id] = z
         return out
 
 

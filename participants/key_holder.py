@@ -45,6 +45,8 @@ class KeyHolder:
         self._last_hash = state.get("audit_head", "0" * 64)
         self._seq = int(state.get("audit_seq", 0))
         self.ledger = RevealLedger(self.directory / LEDGER_FILE, policy, shapes)
+        # the policy implies the engine: anything beyond one first-layer reveal with plaintext labels is tiled
+        self._tiled = policy.labels == "encrypted" or not policy.reveals or len(policy.cipher_layers) > 1
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -138,7 +140,7 @@ class KeyHolder:
             sigma = flooding.flood_sigma(
                 self.policy.flooding.security_bits, self.budget,
                 flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride),
-                                     depth=depth),
+                                     depth=depth, tiled=self._tiled),
             )
         except (PolicyRefusal, BundleError) as exc:
             self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from mpc_ops import ckks, store
+from mpc_ops import store
 from mpc_ops.circuit import CipherOps, PlainOps
 from mpc_ops.depth_plan import block_width
 from mpc_ops.policy import input_train_rounds
-from mpc_ops.polyact import PolyActivation
 from mpc_ops.reveal import blind, unblind
 from mpc_ops.tensors import EncryptedTensor
 from mpc_ops.tiled import Tiling
@@ -312,13 +311,20 @@ def _fits(cfg) -> dict:
 
 def train_tiled(config_path: str, run_dir: str, max_batches: int | None = None, engine: bool = True) -> dict:
     """Prepare every owner in the tiled layout, then run the configured rounds; write metrics and a summary."""
+    token = ENGINE.set(engine)
+    try:
+        return _train_tiled(config_path, run_dir, max_batches, engine)
+    finally:
+        ENGINE.reset(token)
+
+
+def _train_tiled(config_path: str, run_dir: str, max_batches: int | None, engine: bool) -> dict:
     from mpc_ops.depth_plan import circuit_depth
 
     rt = Runtime(config_path, run_dir)
     rt.paths.root.mkdir(parents=True, exist_ok=True)
     LocalKeyHolderClient.forget()
     key_id = rt.publish_public_context()
-    ENGINE.set(engine)
     prepare = prepare_owner_tiled if engine else encrypt_owner_tiled.fn
     owners = [prepare(config_path, run_dir, o.name) for o in rt.cfg.data.owners]
     session = open_session(config_path, run_dir)

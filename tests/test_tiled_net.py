@@ -189,7 +189,7 @@ def test_strict_key_holder_refuses_any_activation_reveal_as_undeclared(strict):
 
 
 def test_metric_reveals_are_refused_unless_labels_are_encrypted(tmp_path):
-    cfg = parse_config(load("breast_cancer_strict", labels="reveal"))
+    cfg = parse_config(load("breast_cancer_encrypted_labels", labels="reveal"))  # the depth-1 hybrid: a small key
     holder, public = holder_for(cfg, tmp_path)
     with pytest.raises(PolicyRefusal, match=r"a metric reveal \(aggregated loss and accuracy\) is only allowed under "
                                             r"policy.labels: encrypted; the policy has labels: reveal"):

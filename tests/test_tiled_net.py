@@ -144,6 +144,35 @@ def test_encrypted_label_step_matches_the_twin_in_activations_metrics_and_gradie
     assert max(d for _, _, d in log) == circuit_depth(cfg) == 2
 
 
+def mixed_config():
+    """Two ciphertext layers and a reveal after the second: 30 → 8 → square → 4 (revealed) → tanh → 1."""
+    raw = load("breast_cancer_encrypted_labels", labels="reveal", cipher_layers=["enc1", "enc2"],
+               reveals={"enc2": {"allow_invertible": False}})
+    raw["model"]["layers"] = [{"kind": "linear", "name": "enc1", "out_features": 8}, {"kind": "square"},
+                              {"kind": "linear", "name": "enc2", "out_features": 4}, {"kind": "tanh"},
+                              {"kind": "linear", "name": "out", "out_features": 1}]
+    return parse_config(raw)
+
+
+def test_mixed_policy_reveals_after_the_second_ciphertext_layer_and_matches_the_twin(tmp_path):
+    # Prepare
+    cfg = mixed_config()
+    holder, public = holder_for(cfg, tmp_path)
+
+    # Execute
+    out, log = run_both(cfg, holder, public, seed=2)
+
+    # Assert: the revealed enc2 pre-activations and every layer's gradient agree with the twin
+    (tg, _, tz), (cg, _, cz) = out["twin"], out["cipher"]
+    np.testing.assert_allclose(cz, tz, rtol=0, atol=TOL)
+    for key in tg:
+        np.testing.assert_allclose(cg[key], tg[key], rtol=0, atol=TOL, err_msg=key)
+    assert [(k, layer) for k, layer, _ in log] == [("activation", "enc2"), ("gradient", "enc2"), ("gradient", "enc1")]
+    assert max(d for _, _, d in log) == circuit_depth(cfg) == 4 and cfg.ckks.poly_modulus_degree == 16384
+    # the rank limit of the reveal point counts against the model's input (30 features), not enc2's 8 inputs
+    assert reveal_shapes(cfg)["enc2"].in_features == 30
+
+
 @pytest.mark.parametrize("kind, degree", [("square", None), ("poly_tanh", 3), ("poly_sigmoid", 3), ("poly_sigmoid", 1)])
 def test_polynomial_activation_and_its_derivative_on_ciphertext_match_numpy(strict, kind, degree):
     # Prepare

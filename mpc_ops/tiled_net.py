@@ -185,9 +185,9 @@ class TiledNet:
             y = x.labels
             onehot = y[:, None].astype(float) if self.task == "binary" else np.eye(p.shape[1])[y]
             if self.task == "binary":
-                loss = float(-(onehot * np.log(np.clip(p, 1e-12, 1)) + (1 - onehot) * np.log(np.clip(1 - p, 1e-12, 1))).sum())
+                loss = float(-(onehot * np.log(np.clip(p, 1e-4, 1)) + (1 - onehot) * np.log(np.clip(1 - p, 1e-4, 1))).sum())
             else:
-                loss = float(-(onehot * np.log(np.clip(p, 1e-12, 1))).sum())
+                loss = float(-(onehot * np.log(np.clip(p, 1e-4, 1))).sum())
             outcome = Outcome(loss, int((pred == y).sum()), m, logits)
             if not train:
                 return outcome, [], True
@@ -202,21 +202,24 @@ class TiledNet:
     def _encrypted_metrics(self, ops: Ops, x: Inputs, p: np.ndarray, pred: np.ndarray, reveal) -> tuple[float, int]:
         """Loss and correct count, both linear in the encrypted labels: block 0 sums −log p(y), block 1 [pred = y]."""
         t, m = self.tiling, x.m
-        logp = np.log(np.clip(p, 1e-12, 1.0))
+        # block 0: the loss sum / GAIN (each term clipped at −log 1e-4, so the sum fits the headroom);
+        # block 1: the correct count itself (≤ m; the flooding noise is far below the 0.5 of a rounding)
+        scale = np.array([1.0 / GAIN, 1.0])
+        logp = np.log(np.clip(p, 1e-4, 1.0))
         if self.task == "binary":
-            log1m = np.log(np.clip(1 - p[:, 0], 1e-12, 1.0))
+            log1m = np.log(np.clip(1 - p[:, 0], 1e-4, 1.0))
             # −[y log p + (1−y) log(1−p)] = −y (log p − log(1−p)) − log(1−p);  [pred=y] = y(2 pred − 1) + 1 − pred
-            coeff = t.block(np.stack([-(logp[:, 0] - log1m), 2 * pred - 1.0], axis=1) / m)
+            coeff = t.block(np.stack([-(logp[:, 0] - log1m), 2 * pred - 1.0], axis=1) * scale)
             acc = ops.mul(x.enc_labels[0], public(coeff))
             const = np.array([-log1m.sum(), float((1 - pred).sum())])
         else:
             acc = None
             for c in range(p.shape[1]):
-                coeff = t.block(np.stack([-logp[:, c], (pred == c).astype(float)], axis=1) / m)
+                coeff = t.block(np.stack([-logp[:, c], (pred == c).astype(float)], axis=1) * scale)
                 term = ops.mul(x.enc_labels[c], public(coeff))
                 acc = term if acc is None else ops.add(acc, term)
             const = np.zeros(2)
-        values = m * reveal(Reveal("metric", "metrics", [ops.block_sum(acc, t.n)], t.n, 2, m))[:, 0] + const
+        values = reveal(Reveal("metric", "metrics", [ops.block_sum(acc, t.n)], t.n, 2, m))[:, 0] / scale + const
         return float(values[0]), int(round(values[1]))
 
     def _plain_backward(self, delta: np.ndarray) -> np.ndarray:

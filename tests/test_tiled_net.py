@@ -294,3 +294,16 @@ def test_config_parsing_leaves_the_raw_mapping_unchanged():
     before = copy.deepcopy(raw)
     parse_config(raw)
     assert raw == before
+
+
+@pytest.mark.parametrize("name, depth, bits", [
+    ("breast_cancer_strict", 6, [60, 50, 50, 50, 50, 50, 50, 60]),
+    ("breast_cancer_encrypted_labels", 2, [60, 50, 50, 60]),
+    ("breast_cancer", 1, [60, 50, 60]),
+])
+def test_shipped_configs_load_with_a_chain_deep_enough_for_their_circuit(name, depth, bits):
+    from mpc_ops.config import load_config
+
+    cfg, _ = load_config(REPO / "configs" / f"{name}.yaml")
+    assert circuit_depth(cfg) == depth and cfg.ckks.coeff_mod_bit_sizes == bits
+    assert cfg.ckks.params().depth >= depth

@@ -22,10 +22,18 @@ from mpc_ops.config import OwnerConfig, RunConfig
 from mpc_ops.packing import FEATURE_CLIP
 from mpc_ops.tiled import Tiling
 
-from .data_owner import _batch_slices, _npy, _write, hashed_ids
+from .data_owner import _npy, _write, hashed_ids
 from .table import Standardizer, load_table, split_ids
 
 MANIFEST = "manifest.json"
+
+
+def balanced_slices(n: int, batch_size: int) -> list[slice]:
+    """ceil(n / batch_size) batches of near-equal size: none exceeds the block width, and none is a
+    small tail (the hybrid's merge of a short tail would overflow a block)."""
+    count = max(1, -(-n // batch_size))
+    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def feature_offset(cfg: RunConfig, owner: OwnerConfig) -> int:
@@ -71,7 +79,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, tiling: T
                 "labels_policy": cfg.policy.labels, "splits": {}}
     for split, ids in (("train", train_ids), ("test", test_ids)):
         x = xs[split]
-        slices = _batch_slices(len(x), cfg.train.batch_size, cfg.policy.min_batch)
+        slices = balanced_slices(len(x), cfg.train.batch_size)
         batches = []
         for b, sl in enumerate(slices):
             entry = {"n": sl.stop - sl.start, "rep": [], "block": None, "labels": []}

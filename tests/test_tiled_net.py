@@ -307,3 +307,11 @@ def test_shipped_configs_load_with_a_chain_deep_enough_for_their_circuit(name, d
     cfg, _ = load_config(REPO / "configs" / f"{name}.yaml")
     assert circuit_depth(cfg) == depth and cfg.ckks.coeff_mod_bit_sizes == bits
     assert cfg.ckks.params().depth >= depth
+
+
+@pytest.mark.parametrize("n, sizes", [(1437, {62, 63}), (227, {56, 57}), (64, {64}), (65, {32, 33})])
+def test_tiled_batches_are_balanced_and_never_wider_than_the_block(n, sizes):
+    from participants.tiled_owner import balanced_slices
+
+    slices = balanced_slices(n, 64)
+    assert {s.stop - s.start for s in slices} == sizes and slices[-1].stop == n and slices[0].start == 0

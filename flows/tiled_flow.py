@@ -28,7 +28,7 @@ from mpc_ops.tiled_net import Inputs, Outcome, Reveal, TiledLearner, build_net, 
 from mpc_ops.cipher_layers import weights_digest
 from participants import tiled_owner
 
-from . import artifacts, checkpoint
+from . import artifacts, checkpoint, progress
 from .engine import Model, batch_order, make_optimizer
 from .runtime import LocalKeyHolderClient, Runtime
 from .tasks import ENGINE, Traffic, call_key_holder
@@ -271,7 +271,10 @@ def run_round_tiled(session: Session, round_no: int, max_batches: int | None = N
         order = order[:max_batches]
     decryptions_before = rt.key_holder.decryptions_used
     step = train_batch_tiled if engine_on() else train_batch_tiled.fn
-    results = [step(session, refs[i]) for i in order]
+    results = []
+    for i in order:
+        results.append(step(session, refs[i]))
+        progress.notify("batch-done", round=round_no, done=len(results), total=len(order))
     train_seconds = time.perf_counter() - start
     decryptions_train = rt.key_holder.decryptions_used - decryptions_before
     eval_start = time.perf_counter()
@@ -330,20 +333,25 @@ def _train_tiled(config_path: str, run_dir: str, max_batches: int | None, engine
     session = open_session(config_path, run_dir)
     _SESSIONS[str(run_dir)] = session
     rounds = []
+    progress.notify("run-started", total=rt.cfg.train.rounds, first=1, done_rounds=[])
     for round_no in range(1, rt.cfg.train.rounds + 1):
         row = training_round_tiled(str(run_dir), round_no, max_batches) if engine \
             else run_round_tiled(session, round_no, max_batches)
         rounds.append(row)
+        progress.notify("round-done", row=row, total=rt.cfg.train.rounds)
         _checkpoint(session, round_no, rounds)
         artifacts.write_metrics(rt.paths.metrics, rounds, {})
         if rt.cfg.train.target_accuracy is not None and row["test_accuracy"] >= rt.cfg.train.target_accuracy:
+            reason = f"test accuracy {row['test_accuracy']:.4f} reached train.target_accuracy={rt.cfg.train.target_accuracy}"
             break
+    else:
+        reason = f"train.rounds={rt.cfg.train.rounds} rounds done"
     audit = rt.key_holder.audit_summary()
     last = rounds[-1]
     final = {
         "policy_mode": mode_name(rt.cfg), "test_accuracy": last["test_accuracy"],
         "plaintext_twin_test_accuracy": last["twin_test_accuracy"], "decryptions": audit["decryptions_used"],
-        "policy_refusals": audit["refuse"], "rounds": len(rounds),
+        "policy_refusals": audit["refuse"], "rounds": len(rounds), "stop_reason": reason,
         "mean_seconds_per_round": round(sum(r["seconds"] for r in rounds) / len(rounds), 3),
         "mean_bytes_per_round": int(sum(r["bytes_from_owners"] + r["bytes_to_key_holder"] + r["bytes_from_key_holder"]
                                         for r in rounds) / len(rounds)),
@@ -353,6 +361,7 @@ def _train_tiled(config_path: str, run_dir: str, max_batches: int | None, engine
         "sigma": audit.get("sigma"), "polynomial_fits": _fits(rt.cfg), "max_batches_per_round": max_batches,
     }
     artifacts.write_metrics(rt.paths.metrics, rounds, final)
+    progress.notify("run-done", final=final)
     markdown = summary_markdown(rt.cfg, final, rounds, owners, audit)
     store.write_bytes(rt.paths.root / "summary.md", markdown.encode())
     if engine:

@@ -84,6 +84,22 @@ def table(result: dict) -> str:
                      f"{orch['plain_seconds']} s)"))
     lines = ["| workload | setting | measured |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + policy_table(w.get("policies"))
+
+
+def policy_table(pol: dict | None) -> str:
+    """One row per data set and policy: s/round, bytes/round, decryptions/round, accuracy vs twin."""
+    if not pol:
+        return ""
+    lines = ["", "", f"### Policies (same model and epochs; headline ratios on {pol['headline_dataset']}: time "
+             f"{pol['hybrid_vs_strict_time_ratio']}×, bytes {pol['hybrid_vs_strict_bytes_ratio']}×)", "",
+             "| data | policy | s/round | MB/round | decryptions/round | test acc | twin acc | batches/round |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for base, rows in pol["rows"].items():
+        for name, r in rows.items():
+            lines.append(f"| {base} | {name} | {r['seconds_per_round']} | {r['bytes_per_round'] / 1e6:.1f} | "
+                         f"{r['decryptions_per_round']} | {r['test_accuracy']} | {r['twin_test_accuracy']} | "
+                         f"{r['batches_per_round'] or 'all'} |")
     return "\n".join(lines)
 
 

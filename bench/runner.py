@@ -11,15 +11,21 @@ import tenseal
 from mpc_ops import store
 from mpc_ops.planner import DEFAULT_COSTS, choose_ckks_params
 
-from . import microbench, report, workloads
+from . import microbench, policies, report, workloads
 
 SIZES = {
     # name: (tutorial/hetrain LR epochs, digits rounds, scaling n, scaling d, orchestration config, rounds)
     "full": dict(lr_epochs=3, digits_rounds=8, sizes=[4096, 16384, 65536], widths=[16, 64],
-                 orch=("digits_vertical", 3)),
+                 orch=("digits_vertical", 3),
+                 policies=dict(epochs={"breast_cancer": 4, "digits_vertical": 3},
+                               strict_batches={"digits_vertical": 6})),
     "quick": dict(lr_epochs=1, digits_rounds=3, sizes=[4096, 16384], widths=[16, 64],
-                  orch=("digits_vertical", 2)),
-    "tiny": dict(lr_epochs=1, digits_rounds=1, sizes=[1024, 2048], widths=[16], orch=None),
+                  orch=("digits_vertical", 2),
+                  policies=dict(epochs={"breast_cancer": 2, "digits_vertical": 1},
+                                strict_batches={"digits_vertical": 3})),
+    "tiny": dict(lr_epochs=1, digits_rounds=1, sizes=[1024, 2048], widths=[16], orch=None,
+                 policies=dict(epochs={"breast_cancer": 1}, strict_batches={"breast_cancer": 2},
+                               datasets=("breast_cancer",))),
 }
 
 
@@ -41,6 +47,8 @@ def run(mode: str, out: Path, work: Path | None = None, log=print) -> dict:
         if size["orch"]:
             log(f"orchestration overhead on {size['orch'][0]} …")
             orch = workloads.orchestration(work / "orch", *size["orch"])
+        log("policies: strict, hybrid, hybrid + encrypted labels …")
+        pol = policies.policies(work / "policies", log=log, **size["policies"])
         plans = {"lr": workloads.plan_table(work / "lr" / "lr.yaml", costs),
                  "digits": workloads.plan_table(work / "digits" / "digits.yaml", costs)}
     big = max(size["sizes"])
@@ -59,8 +67,12 @@ def run(mode: str, out: Path, work: Path | None = None, log=print) -> dict:
         f"peak_rss_mb_at_{big // 1000}k": scaling[f"peak_rss_mb_at_{big // 1000}k"],
         "peak_rss_ratio_largest_to_smallest": scaling["peak_rss_ratio"],
         "bytes_per_sample_feature": scaling["bytes_per_sample_feature"],
+        "hybrid_vs_strict_time_ratio": pol["hybrid_vs_strict_time_ratio"],
+        "hybrid_vs_strict_bytes_ratio": pol["hybrid_vs_strict_bytes_ratio"],
+        "strict_accuracy_gap_points": pol["strict_accuracy_gap_points"],
+        "hybrid_accuracy_gap_points": pol["hybrid_accuracy_gap_points"],
         "op_costs_seconds": costs,
-        "workloads": {"lr": lr, "digits": digits, "scaling": scaling, "orchestration": orch},
+        "workloads": {"lr": lr, "digits": digits, "scaling": scaling, "orchestration": orch, "policies": pol},
         "plans": plans,
         "ckks_choice": choose_ckks_params(30, 65536, max_sigma=0.5),
     }

@@ -13,8 +13,9 @@ import numpy as np
 from mpc_ops.config import RunConfig
 from mpc_ops.dp import clip_rows
 from mpc_ops.optim import build_optimizer
-from mpc_ops.plain_layers import BinaryCrossEntropy, Linear, Sequential, SoftmaxCrossEntropy, build_activation
+from mpc_ops.plain_layers import BinaryCrossEntropy, Linear, Sequential, SoftmaxCrossEntropy
 from mpc_ops.policy import cipher_layer_shapes
+from mpc_ops.polyact import activation_for
 
 
 class Model:
@@ -30,7 +31,7 @@ class Model:
                 layers.append(Linear(width, spec.out_features, rng, spec.name))
                 width = spec.out_features
             else:
-                layers.append(build_activation(spec.kind))
+                layers.append(activation_for(spec))
         self.input: Linear = layers[0]
         self.body = Sequential(layers[1:])
         self.loss = BinaryCrossEntropy() if cfg.model.loss == "binary_cross_entropy" else SoftmaxCrossEntropy()

@@ -29,7 +29,7 @@ from mpc_ops.errors import BundleError
 from mpc_ops.key_holder_client import HttpKeyHolderClient
 from mpc_ops.packing import PackingPlan
 from mpc_ops.planner import LayerShape, plan_layer
-from mpc_ops.policy import cipher_layer_shapes
+from mpc_ops.policy import reveal_shapes
 from mpc_ops.reveal import KeyHolderClient, RevealRequest, RevealResponse
 
 PUBLIC_CONTEXT = "public_context.bin"
@@ -108,7 +108,7 @@ class LocalKeyHolderClient:
         directory = Path(directory).resolve()
         holder = self._open.get(directory)
         if holder is None or holder.policy != cfg.policy:
-            holder = KeyHolder.open_or_create(directory, cfg.ckks.params(), cfg.policy, cipher_layer_shapes(cfg))
+            holder = KeyHolder.open_or_create(directory, cfg.ckks.params(), cfg.policy, reveal_shapes(cfg))
             self._open[directory] = holder
         self._holder = holder
 

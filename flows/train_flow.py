@@ -13,12 +13,14 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from mpc_ops.errors import CheckpointError
 from mpc_ops.failpoints import failpoint
+from mpc_ops.depth_plan import uses_tiled
 from mpc_ops.policy import input_train_rounds
 
 from . import artifacts, checkpoint, dask_jobs, lineage, progress
 from .engine import batch_order, input_frozen_in, summarise
 from .owner_flow import prepare_deployed_owners
 from .runtime import Runtime, forget_key_holders
+from .tiled_flow import train_tiled
 from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
 
@@ -163,6 +165,11 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
             f"run directory {rt.paths.out} already holds checkpoints (newest {latest.name}); pass --resume "
             f"to continue it, --retrain to start a new generation in it, or choose another --run-dir"
         )
+    if uses_tiled(rt.cfg):  # strict, mixed or encrypted-label policy: the tiled engine (flows/tiled_flow.py)
+        if latest is not None or retrain:
+            raise CheckpointError(f"{rt.paths.root}: resuming or retraining a strict, mixed or encrypted-label run "
+                                  f"is not supported yet; start a new --run-dir")
+        return train_tiled(config_path, run_dir)
     forget_key_holders()
     key_id = set_up_key_holder(rt)
     logger.info("key id %s; packing %d samples per ciphertext", key_id, rt.plan.samples_per_ct)

@@ -79,6 +79,16 @@ def product_layout(context: ts.Context) -> CiphertextLayout:
     return _layout("product", context, level)
 
 
+def revealed_layouts(context: ts.Context) -> list[CiphertextLayout]:
+    """Every level a circuit's result can sit at after one or more products: the product level down
+    to the last prime (the tiled engine reveals results of depth 1 to the chain's depth)."""
+    layouts, level = [], context.seal_context().data.first_context_data().next_context_data()
+    while level is not None:
+        layouts.append(_layout(f"depth {len(layouts) + 1}", context, level))
+        level = level.next_context_data()
+    return layouts
+
+
 def _layout(name: str, context: ts.Context, level) -> CiphertextLayout:
     return CiphertextLayout(name, level.parms().poly_modulus_degree(), tuple(level.parms_id()),
                             level.chain_index() + 1, float(context.global_scale))
@@ -94,9 +104,19 @@ def encrypt(context: ts.Context, values: np.ndarray) -> bytes:
     return ts.ckks_vector(context, np.asarray(values, dtype=np.float64).tolist()).serialize()
 
 
-def load_vector(context: ts.Context, blob: bytes, layout: CiphertextLayout) -> ts.CKKSVector:
-    """Check a ciphertext blob's structure, level and scale against `layout`, then deserialize it."""
-    wire.check(blob, layout)
+def load_vector(context: ts.Context, blob: bytes, layout: "CiphertextLayout | list[CiphertextLayout]") -> ts.CKKSVector:
+    """Check a ciphertext blob's structure, level and scale against `layout` (or the first of several
+    allowed layouts it matches), then deserialize it."""
+    layouts = layout if isinstance(layout, list) else [layout]
+    first = None
+    for candidate in layouts:
+        try:
+            wire.check(blob, candidate)
+            break
+        except BundleError as exc:
+            first = first or exc
+    else:
+        raise first
     try:
         return ts.ckks_vector_from(context, bytes(blob))
     except (RuntimeError, ValueError, TypeError) as exc:  # SEAL's own checks, e.g. a coefficient >= its prime

@@ -48,9 +48,12 @@ class DataConfig(_Strict):
 
 
 class LayerConfig(_Strict):
-    kind: Literal["linear", "relu", "tanh", "sigmoid"]
+    kind: Literal["linear", "relu", "tanh", "sigmoid", "square", "poly_tanh", "poly_sigmoid"]
     name: str | None = None
     out_features: int | None = Field(None, ge=1, le=4096)
+    # polynomial activations (poly_tanh, poly_sigmoid): least-squares fit of this degree on [-range, range]
+    degree: int | None = Field(None, ge=1, le=3)
+    range: float | None = Field(None, gt=0.0, le=64.0)
 
 
 class ModelConfig(_Strict):
@@ -103,7 +106,7 @@ class PolicyConfig(_Strict):
     cipher_layers: list[str] = Field(min_length=1)
     reveals: dict[str, RevealPoint]
     min_batch: int = Field(32, ge=1)
-    labels: Literal["reveal"] = "reveal"
+    labels: Literal["reveal", "encrypted"] = "reveal"
     mask_bound: float = Field(64.0, gt=0.0)
     flooding: FloodingConfig = FloodingConfig()
     dp: DpConfig | None = None
@@ -113,6 +116,8 @@ class CkksConfig(_Strict):
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: list[int] = [60, 50, 60]
     scale_bits: int = 50
+    # true: the planner picks [60, 50 × depth, 60] at the smallest N that fits the circuit's depth
+    auto: bool = False
 
     def params(self) -> CkksParams:
         return CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.scale_bits)
@@ -190,16 +195,14 @@ class RunConfig(_Strict):
 
 
 def _check_model(cfg: RunConfig) -> None:
-    try:
-        cfg.ckks.params().validate(needed_depth=len(cfg.policy.cipher_layers))
-    except SecurityParameterError as exc:
-        raise ValueError(str(exc)) from None
     names = []
     for i, layer in enumerate(cfg.model.layers):
         if layer.kind == "linear" and (layer.name is None or layer.out_features is None):
             raise ValueError(f"model.layers[{i}]: a linear layer needs 'name' and 'out_features'")
         if layer.kind != "linear" and layer.out_features is not None:
             raise ValueError(f"model.layers[{i}]: '{layer.kind}' takes no out_features")
+        if layer.kind not in ("poly_tanh", "poly_sigmoid") and (layer.degree is not None or layer.range is not None):
+            raise ValueError(f"model.layers[{i}]: '{layer.kind}' takes no degree or range (only poly_tanh, poly_sigmoid)")
         if layer.name:
             names.append(layer.name)
     if len(set(names)) != len(names):
@@ -207,18 +210,7 @@ def _check_model(cfg: RunConfig) -> None:
     first = cfg.model.layers[0]
     if first.kind != "linear":
         raise ValueError("model.layers[0] must be linear: the encrypted input enters through it")
-    if cfg.policy.cipher_layers != [first.name]:
-        raise ValueError(
-            f"policy.cipher_layers must be [{first.name!r}] (the first linear layer): a second "
-            f"ciphertext layer needs multiplicative depth 2, which exceeds the 1 level of "
-            f"coeff_mod_bit_sizes {cfg.ckks.coeff_mod_bit_sizes}; got {cfg.policy.cipher_layers}"
-        )
-    unknown = set(cfg.policy.reveals) - set(cfg.policy.cipher_layers)
-    if unknown or not cfg.policy.reveals:
-        raise ValueError(
-            f"policy.reveals must name ciphertext layers whose outputs may be revealed "
-            f"(allowed: {cfg.policy.cipher_layers}); got {sorted(cfg.policy.reveals)}"
-        )
+    _check_policy_split(cfg)
     _check_rank(cfg)
     last = [layer for layer in cfg.model.layers if layer.kind == "linear"][-1]
     want = 1 if cfg.model.loss == "binary_cross_entropy" else cfg.data.num_classes
@@ -253,12 +245,67 @@ def _check_model(cfg: RunConfig) -> None:
             f"report.plaintext_twin must be false when owners run as deployments ({deployed}): the twin needs "
             f"each owner's standardised plaintext on the trainer's side, which a deployed owner never sends"
         )
+    _check_depth(cfg)
+
+
+def _check_policy_split(cfg: RunConfig) -> None:
+    """policy.cipher_layers is a prefix of the linear layers; reveals name its top (or nothing: strict);
+    the circuit fits the CKKS chain."""
+    layers = cfg.model.layers
+    linears = [layer.name for layer in layers if layer.kind == "linear"]
+    cipher = list(cfg.policy.cipher_layers)
+    if cipher != linears[: len(cipher)]:
+        raise ValueError(
+            f"policy.cipher_layers must be the first linear layers in model order (one of "
+            f"{[linears[:k] for k in range(1, len(linears) + 1)]}); got {cipher}")
+    top = next(i for i, layer in enumerate(layers) if layer.name == cipher[-1])
+    for i, layer in enumerate(layers[:top]):
+        if layer.kind not in ("linear", "square", "poly_tanh", "poly_sigmoid"):
+            raise ValueError(
+                f"model.layers[{i}]: '{layer.kind}' sits below the ciphertext layer '{cipher[-1]}'; only "
+                f"polynomial activations (square, poly_tanh, poly_sigmoid) run on ciphertext")
+    if not cfg.policy.reveals:
+        missing = [name for name in linears if name not in cipher]
+        if missing:
+            raise ValueError(
+                f"policy.reveals is empty (strict mode: no activation is revealed), so every linear layer "
+                f"must be in policy.cipher_layers; missing {missing}")
+    elif set(cfg.policy.reveals) != {cipher[-1]}:
+        raise ValueError(
+            f"policy.reveals must name ciphertext layers whose outputs may be revealed (allowed: "
+            f"[{cipher[-1]!r}], the last of policy.cipher_layers; or {{}} for strict mode); "
+            f"got {sorted(cfg.policy.reveals)}")
+
+
+def _check_depth(cfg: RunConfig) -> None:
+    """The circuit's counted depth fits the chain (or, with ckks.auto, picks it)."""
+    from .depth_plan import chain_for_depth, circuit_depth, uses_tiled
+
+    if uses_tiled(cfg) and cfg.policy.dp is not None:
+        raise ValueError(
+            "policy.dp is not supported with strict, mixed or encrypted-label policies yet (their revealed "
+            "gradients carry a gain that would divide the DP noise); remove policy.dp or use the hybrid policy")
+    if cfg.ckks.auto:
+        depth = circuit_depth(cfg)
+        try:
+            params = chain_for_depth(depth)
+        except SecurityParameterError as exc:
+            raise ValueError(str(exc)) from None
+        object.__setattr__(cfg, "ckks", CkksConfig(poly_modulus_degree=params.poly_modulus_degree,
+                                                   coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+                                                   scale_bits=params.scale_bits, auto=True))
+        return
+    depth = circuit_depth(cfg) if uses_tiled(cfg) else len(cfg.policy.cipher_layers)
+    try:
+        cfg.ckks.params().validate(needed_depth=depth)
+    except SecurityParameterError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_rank(cfg: RunConfig) -> None:
-    from .policy import cipher_layer_shapes  # policy imports this module
+    from .policy import reveal_shapes  # policy imports this module
 
-    for name, shape in cipher_layer_shapes(cfg).items():
+    for name, shape in reveal_shapes(cfg).items():
         point = cfg.policy.reveals.get(name)
         if point is None or point.allow_invertible or point.max_rank is None:
             continue

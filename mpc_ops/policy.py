@@ -29,6 +29,29 @@ def cipher_layer_shapes(cfg: RunConfig) -> dict[str, LayerShape]:
     return shapes
 
 
+def reveal_shapes(cfg: RunConfig) -> dict[str, LayerShape]:
+    """The layers the key holder may reveal something of, with the shape its rules use.
+
+    A reveal point (the top ciphertext layer named in policy.reveals) is measured against the
+    model's input: its outputs are h combinations of the d input features per set of weights,
+    however many ciphertext layers lie below. Any other ciphertext layer may release its
+    aggregated weight gradient; with encrypted labels so may every plaintext layer, since its
+    delta is a ciphertext too.
+    """
+    shapes = cipher_layer_shapes(cfg)
+    d_in = next(iter(shapes.values())).in_features
+    out, width = {}, d_in
+    for layer in cfg.model.layers:
+        if layer.kind != "linear":
+            continue
+        if layer.name in cfg.policy.reveals:
+            out[layer.name] = LayerShape(d_in, layer.out_features)
+        elif layer.name in shapes or cfg.policy.labels == "encrypted":
+            out[layer.name] = LayerShape(width, layer.out_features)
+        width = layer.out_features
+    return out
+
+
 def rank_limit(point: RevealPoint, shape: LayerShape) -> int | None:
     """How many feature combinations of one sample the trainer may hold (None: unlimited)."""
     if point.allow_invertible:
@@ -43,8 +66,11 @@ def input_train_rounds(cfg: RunConfig) -> int | None:
     once more under the frozen weights; the rank limit allows floor(limit / out_features)
     distinct weights per sample.
     """
-    name, shape = next(iter(cipher_layer_shapes(cfg).items()))
-    limit = rank_limit(cfg.policy.reveals[name], shape)
+    if not cfg.policy.reveals:
+        return None  # strict: no activation is ever revealed
+    name = next(iter(cfg.policy.reveals))
+    limit = rank_limit(cfg.policy.reveals[name], reveal_shapes(cfg)[name])
+    shape = reveal_shapes(cfg)[name]
     return None if limit is None else limit // shape.out_features - 1
 
 
@@ -66,6 +92,16 @@ def check_reveal(policy: PolicyConfig, shapes: dict[str, LayerShape], request: R
                 f"in_features={shape.in_features}, so its output would let the trainer solve for "
                 f"the inputs; set policy.reveals.{request.layer}.allow_invertible: true to permit it",
             )
+    elif request.kind == "metric":
+        if policy.labels != "encrypted":
+            raise PolicyRefusal(
+                "undeclared_reveal_point",
+                f"a metric reveal (aggregated loss and accuracy) is only allowed under policy.labels: encrypted; "
+                f"the policy has labels: {policy.labels}")
+        if request.aggregate < policy.min_batch:
+            raise PolicyRefusal(
+                "min_batch",
+                f"metrics aggregate {request.aggregate} samples, fewer than policy.min_batch={policy.min_batch}")
     elif request.kind == "gradient":
         if request.layer not in shapes:
             raise PolicyRefusal(
@@ -79,4 +115,4 @@ def check_reveal(policy: PolicyConfig, shapes: dict[str, LayerShape], request: R
                 f"fewer than policy.min_batch={policy.min_batch}",
             )
     else:
-        raise PolicyRefusal("unknown_kind", f"reveal kind must be 'activation' or 'gradient', got {request.kind!r}")
+        raise PolicyRefusal("unknown_kind", f"reveal kind must be 'activation', 'gradient' or 'metric', got {request.kind!r}")

@@ -58,9 +58,12 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_request(request: RevealRequest, layout: CiphertextLayout) -> None:
+def check_request(request: RevealRequest, layout: "CiphertextLayout | list[CiphertextLayout]") -> None:
     """Raise BundleError unless every field of a reveal request has the type and range the key holder
-    relies on, and every blob is one ciphertext of `layout`; nothing here decrypts or charges the budget."""
+    relies on, and every blob is one ciphertext of `layout` (or of one of several allowed levels);
+    nothing here decrypts or charges the budget."""
+    layouts = layout if isinstance(layout, list) else [layout]
+    layout = layouts[0]
     if not isinstance(request, RevealRequest):
         raise BundleError(f"reveal request: expected a RevealRequest, got {type(request).__name__}")
     for name, limit in _TEXT_FIELDS.items():
@@ -85,10 +88,21 @@ def check_request(request: RevealRequest, layout: CiphertextLayout) -> None:
             raise BundleError(f"reveal request: blob {b}: stride {s!r:.40} × count {c!r:.40} does not fit "
                               f"{slots} slots (needs ints >= 1 with stride × (count - 1) < {slots})")
     for b, blob in enumerate(blobs):
+        _check_blob(b, blob, layouts)
+
+
+def _check_blob(b: int, blob: bytes, layouts: list[CiphertextLayout]) -> None:
+    """The blob is a ciphertext of one of `layouts` (the levels a revealed result may sit at)."""
+    first = None
+    for layout in layouts:
         try:
             wire.check(blob, layout)
+            return
         except BundleError as exc:
-            raise BundleError(f"reveal request: blob {b}: {exc}") from None
+            first = first or exc
+    allowed = ", ".join(f"{lay.coeff_modulus_size}" for lay in layouts)
+    suffix = f" (allowed numbers of primes: {allowed})" if len(layouts) > 1 else ""
+    raise BundleError(f"reveal request: blob {b}: {first}{suffix}") from None
 
 
 class KeyHolderClient(Protocol):
@@ -114,7 +128,7 @@ def blind(enc: EncryptedTensor, context: ts.Context, *, key_id: str, round_no: i
           mask_bound: float) -> tuple[RevealRequest, list[np.ndarray]]:
     """Mask every slot of every blob; return the request and the masks to subtract later."""
     slots = ckks.slot_count(context)
-    blobs, masks, layout = [], [], ckks.product_layout(context)
+    blobs, masks, layout = [], [], ckks.revealed_layouts(context)  # depth 1 (hybrid) up to the chain's depth (tiled)
     for blob, stride, count in zip(enc.blobs, enc.stride, enc.counts):
         r = _mask(slots, mask_bound)
         vector = ckks.load_vector(context, blob, layout)

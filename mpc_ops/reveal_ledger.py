@@ -47,13 +47,13 @@ class RevealLedger:
                               f"pseudonyms (8-64 characters)")
         if len(set(rows)) != len(rows):
             raise BundleError(f"reveal request: 'rows' names {len(rows) - len(set(rows))} sample(s) twice")
-        shape = self.shapes[request.layer]
-        if request.kind == "gradient":
+        if request.kind in ("gradient", "metric"):
             if len(rows) != request.aggregate:
                 raise PolicyRefusal("undeclared_rows", f"layer '{request.layer}': a gradient over "
                                     f"{request.aggregate} samples must name those {request.aggregate} rows; "
                                     f"it names {len(rows)}")
             return
+        shape = self.shapes[request.layer]
         if len(rows) * shape.out_features != sum(request.counts):
             raise PolicyRefusal("undeclared_rows", f"layer '{request.layer}': the request reveals "
                                 f"{sum(request.counts)} values, which is not {len(rows)} named rows × "
@@ -78,7 +78,7 @@ class RevealLedger:
 
     # ---- recording, once the reveal is allowed ------------------------------------------
     def record(self, request: RevealRequest) -> None:
-        if request.kind == "gradient":
+        if request.kind in ("gradient", "metric"):
             counts = self.gradients.setdefault(request.layer, {})
             for r in request.rows:
                 counts[r] = counts.get(r, 0) + 1

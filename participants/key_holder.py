@@ -49,13 +49,16 @@ class KeyHolder:
         self.directory, self._context, self.params = Path(directory), context, params
         self.policy, self.shapes = policy, shapes
         self.key_id = ckks.key_id(context)
-        self._layout = ckks.product_layout(context)  # every revealed blob went through one ct × plain product
         state = self._read_state()
         self.decryptions_used = int(state.get("decryptions_used", 0))
         self._last_hash = state.get("audit_head", "0" * 64)
         self._seq = int(state.get("audit_seq", 0))
         self.ledger = RevealLedger(self.directory / LEDGER_FILE, policy, shapes)
         self._recover_unrecorded_audit()
+        # the policy implies the engine: anything beyond one first-layer reveal with plaintext labels is tiled
+        self._tiled = policy.labels == "encrypted" or not policy.reveals or len(policy.cipher_layers) > 1
+        # hybrid: every revealed blob went through exactly one ct × plain product; tiled: 1 to depth products
+        self._layout = ckks.revealed_layouts(context) if self._tiled else ckks.product_layout(context)
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -140,15 +143,20 @@ class KeyHolder:
                     f"this request needs {len(request.blobs)}; rotate the key with `hetrain rotate-key RUN_DIR`, "
                     f"then resume (the owners re-encrypt under the new key)"
                 )
-            sigma = flooding.flood_sigma(
-                self.policy.flooding.security_bits, self.budget,
-                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride)),
-            )
             # Charge the budget and the ledger before decrypting: a decryption leaks whether or not
             # it is returned.
             self.decryptions_used += len(request.blobs)
             self.ledger.record(request)
-            values = [self._decrypt(b, s, c, slots) for b, s, c in zip(request.blobs, request.stride, request.counts)]
+            decrypted = [self._decrypt(b, s, c, slots) for b, s, c in zip(request.blobs, request.stride, request.counts)]
+            values = [v for v, _ in decrypted]
+            # B grows with the levels the circuit consumed, read from the ciphertexts themselves
+            # (a trainer cannot make a deep result look shallow: every product costs a level)
+            depth = max(level for _, level in decrypted)
+            sigma = flooding.flood_sigma(
+                self.policy.flooding.security_bits, self.budget,
+                flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride),
+                                     depth=depth, tiled=self._tiled),
+            )
         except (PolicyRefusal, BundleError) as exc:
             self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))
             raise
@@ -162,10 +170,12 @@ class KeyHolder:
         self._audit(request, "allow", sigma=sigma, slots_revealed=int(sum(request.counts)), **details)
         return RevealResponse(request.request_id, flooded, sigma, self.decryptions_used)
 
-    def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> np.ndarray:
+    def _decrypt(self, blob: bytes, stride: int, count: int, slots: int) -> tuple[np.ndarray, int]:
+        """The requested slots and the depth (levels consumed) of the ciphertext."""
         full = wire.with_size(blob, slots, max_slots=slots)
         try:
             vector = ts.ckks_vector_from(self._context, full)
+            depth = len(self.params.coeff_mod_bit_sizes) - 1 - vector.ciphertext()[0].coeff_modulus_size()
             values = np.asarray(vector.decrypt())[: stride * count : stride]
         except (RuntimeError, ValueError, TypeError) as exc:  # TenSEAL/SEAL reject a corrupt payload
             raise BundleError(f"ciphertext cannot be loaded or decrypted: {exc}") from None
@@ -175,7 +185,7 @@ class KeyHolder:
                 f"decrypted values reach {np.abs(values).max():.3g}, beyond the headroom of {limit:g}: "
                 f"the ciphertext was made under another key or overflowed its scale"
             )
-        return values
+        return values, max(1, depth)
 
     def audit_summary(self) -> dict:
         """Public counts from the audit log: reveals allowed and refused (by rule), σ, budget use."""

@@ -35,7 +35,7 @@ from mpc_ops import reveal_wire
 from mpc_ops.config import RunConfig, load_config
 from mpc_ops.errors import BudgetExhausted, ConfigError, ForeignKeyError, FrameError, HetrainError, PolicyRefusal
 from mpc_ops.packing import next_pow2
-from mpc_ops.policy import cipher_layer_shapes
+from mpc_ops.policy import cipher_layer_shapes, reveal_shapes
 from mpc_ops.reveal import RevealRequest
 from mpc_ops.token_file import create_token, read_token
 
@@ -195,7 +195,7 @@ def serve(config_path: str | Path, key_dir: str | Path, *, host: str = "127.0.0.
     cfg, config_path = load_config(config_path)
     key_dir = Path(key_dir).resolve()
     existed = (key_dir / SECRET_FILE).exists()
-    holder = KeyHolder.open_or_create(key_dir, cfg.ckks.params(), cfg.policy, cipher_layer_shapes(cfg))
+    holder = KeyHolder.open_or_create(key_dir, cfg.ckks.params(), cfg.policy, reveal_shapes(cfg))
     token_path = Path(token_path or key_dir / "service.token").resolve()
     created = create_token(token_path)
     token = read_token(token_path)

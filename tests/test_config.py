@@ -110,7 +110,7 @@ def test_unknown_key_inside_a_reveal_point_lists_the_reveal_point_keys(horizonta
 @pytest.mark.parametrize("path, value, allowed", [
     (("data", "partition"), "diagonal", "'horizontal' or 'vertical'"),
     (("train", "optimizer", "kind"), "rmsprop", "'sgd' or 'adam'"),
-    (("policy", "labels"), "hide", "'reveal'"),
+    (("policy", "labels"), "hide", "'reveal' or 'encrypted'"),
 ], ids=["partition", "optimizer", "labels"])
 def test_wrong_enum_value_names_the_key_the_allowed_values_and_the_value_received(horizontal, path, value, allowed):
     # Prepare
@@ -178,14 +178,16 @@ def test_config_with_ckks_parameters_over_the_security_bound_is_refused(horizont
 
 
 def test_a_second_cipher_layer_is_refused_for_lack_of_depth(horizontal):
-    # Prepare
+    # Prepare: both layers on ciphertext (a polynomial activation between them), the reveal after 'out'
+    horizontal["model"]["layers"][1] = {"kind": "square"}
     horizontal["policy"]["cipher_layers"] = ["enc1", "out"]
+    horizontal["policy"]["reveals"] = {"out": {"allow_invertible": True}}
 
     # Execute
     message = refusal(horizontal)
 
-    # Assert: the message names the depth needed and the levels the modulus chain has
-    assert re.search(r"multiplicative depth 2, which exceeds the 1 level(\(s\))? of coeff_mod_bit_sizes "
+    # Assert: the message names the depth the counted circuit needs and the levels the modulus chain has
+    assert re.search(r"multiplicative depth 4, which exceeds the 1 level(\(s\))? of coeff_mod_bit_sizes "
                      r"\[60, 50, 60\]", message), message
 
 

@@ -175,7 +175,7 @@ def test_reveal_of_an_unknown_kind_is_refused_and_audited(keys):
 
     # Execute
     with pytest.raises(PolicyRefusal, match=(
-        r"policy rule 'unknown_kind' refused the reveal: reveal kind must be 'activation' or 'gradient', "
+        r"policy rule 'unknown_kind' refused the reveal: reveal kind must be 'activation', 'gradient' or 'metric', "
         r"got 'weights'"
     )) as exc_info:
         holder.reveal(request)

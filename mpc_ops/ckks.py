@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import tenseal as ts
 
-from . import isolation, wire
+from . import context_record, isolation, wire
 from .errors import BundleError, ForeignKeyError, SecurityParameterError
 from .params import CkksParams
 from .seal_format import CiphertextLayout
@@ -42,6 +42,7 @@ def load_public_context(data: bytes, *, expected_key_id: str | None = None, para
         context = ts.context_from(bytes(data))
     except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError on junk
         raise BundleError(f"public context: cannot be parsed ({exc})") from None
+    context_record.record(context, "load_public_context")  # before the checks: a private load is recorded too
     _check_facts(isolation.context_facts(context), params)
     if expected_key_id is not None and key_id(context) != expected_key_id:
         raise ForeignKeyError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from mpc_ops import ckks, dp, flooding, store, wire
+from mpc_ops import ckks, context_record, dp, flooding, store, wire
 from mpc_ops.config import PolicyConfig
 from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
 from mpc_ops.failpoints import failpoint
@@ -69,6 +69,7 @@ class KeyHolder:
         secret = directory / SECRET_FILE
         if secret.exists():
             context = ts.context_from(secret.read_bytes())
+            context_record.record(context, "key_holder.load")
             if not context.is_private():
                 raise BundleError(f"{secret}: holds no secret key")
             stored = json.loads((directory / STATE_FILE).read_text()).get("params") \
@@ -87,6 +88,7 @@ class KeyHolder:
         )
         context.global_scale = 2.0**params.scale_bits
         context.generate_galois_keys()
+        context_record.record(context, "key_holder.create")
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
         # state.json first: a secret key on disk always has its recorded parameters beside it, so a

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,9 +129,15 @@ class _ProcScanner(threading.Thread):
                     self.seen[pid] = (role, cmdline, environ)
 
     def run(self) -> None:
-        while not self.halt.wait(0.2):
+        while not self.halt.wait(0.25):
             with contextlib.suppress(Exception):
                 self.sample()
+
+
+def _mark(what: str, _t0=[]) -> None:
+    """Stage timings on stderr (shown with -s or on failure)."""
+    _t0 or _t0.append(time.monotonic())
+    print(f"[{time.monotonic() - _t0[0]:6.1f} s] {what}", file=sys.stderr)
 
 
 def _wait_run(client, run_id, timeout: float):
@@ -166,7 +173,7 @@ def _owner_rows(summary: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_operations_end_to_end_on_a_real_server(tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.deployments import run_deployment
@@ -176,6 +183,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
 
     # ---- Prepare: the owners' tables (temp copies), a 2-round config, the folders each party gets ----
     started_at = time.monotonic()
+    _mark("start")
     if not (REPO / "data" / "demo" / "breast_cancer" / "clinic_a.csv").is_file():
         write_demo_data(REPO / "data" / "demo")
     tables = {o: tmp_path / f"owner-{o}" / f"{o}.csv" for o in OWNERS}  # each owner's own folder
@@ -199,8 +207,10 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
         procs = _Processes(server.logs)
         scanner = None
         try:
-            for pool in ("hetrain-local", "owner-clinic-a", "owner-clinic-b"):
-                server.run("prefect", "work-pool", "create", pool, "--type", "process")
+            _mark("server up")
+            with temporary_settings(updates={PREFECT_API_URL: server.url}), get_client(sync_client=True) as client:
+                for pool in ("hetrain-local", "owner-clinic-a", "owner-clinic-b"):  # = prefect work-pool create
+                    client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             # ---- the key holder as its own process, then one worker per pool ----
             base = {**server.env, RECORD_DIR_ENV: str(records)}
             service = procs.start("key-holder", [str(BIN / "hetrain"), "key-holder", "serve", str(config), "--key-dir",
@@ -218,6 +228,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
             scanner.start()
             # deploy while the workers and the service start up
             server.run("prefect", "--no-prompt", "deploy", "--all")
+            _mark("deployed")
             deadline = time.monotonic() + 60
             while True:
                 assert service.poll() is None, (server.logs / "key-holder.log").read_text()
@@ -246,7 +257,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                 nightly = client.read_deployment_by_name("train/breast-cancer")
                 assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == \
                     [("0 3 * * *", "UTC", True)]
-                assert nightly.concurrency_limit == 1 and nightly.work_pool_name == "hetrain-local"
+                assert nightly.global_concurrency_limit.limit == 1 and nightly.work_pool_name == "hetrain-local"
                 for name in ("train/breast-cancer", "train/digits-vertical"):
                     dep = client.read_deployment_by_name(name)
                     for s in dep.schedules:
@@ -266,6 +277,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                 # ---- Execute 1: a run triggered through the API, to Completed ----
                 first = run_deployment(TRAIN, timeout=0)
                 first = _wait_run(client, first.id, 300)
+                _mark("first run final")
                 assert first.state.is_completed(), (first.state, (server.logs / "trainer.log").read_text()[-4000:])
                 metrics = json.loads(_latest_artifact(client, "breast-cancer-deployed-metrics").data)
                 progress = _latest_artifact(client, "breast-cancer-deployed-progress").data
@@ -286,7 +298,9 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                                  and r.expected_start_time <= anchor + datetime.timedelta(seconds=1)]
                     assert time.monotonic() < deadline, "the scheduler made no run for the new schedule"
                     time.sleep(0.5)
+                _mark("scheduled run created")
                 second = _wait_run(client, scheduled[0].id, 300)
+                _mark("scheduled run final")
                 client.delete_deployment_schedule(train_dep.id, schedule.id)
                 assert second.state.is_completed(), (second.state, (server.logs / "trainer.log").read_text()[-4000:])
                 assert second.work_pool_name == "hetrain-local"
@@ -338,9 +352,13 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
         given = " ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in env.items())
         assert (secret in given) == (role == "key-holder"), role
     assert secret not in " ".join(f"{k}={v}" for k, v in server.env.items())
-    flow_procs = {role: [c for pid, (r, c, _) in scanner.seen.items() if r == role and "prefect.engine" in c]
-                  for role in ("trainer", "owner-clinic_a", "owner-clinic_b")}
-    assert all(flow_procs.values()), {r: len(v) for r, v in flow_procs.items()}  # flow-run children were seen
+    # every trainer and owner process that loaded a context (the flow-run processes the workers started)
+    # was among the processes scanned, under its own worker
+    roots = {r: p.pid for r, (p, _, _) in procs.started.items()}
+    loaders = {(r["pid"], r["role"]) for r in loads if r["role"] != "key-holder"}
+    assert all(pid != roots[role] for pid, role in loaders)  # loaded in the flow-run children, not the workers
+    assert {(pid, scanner.seen.get(pid, ("unseen",))[0]) for pid, _ in loaders} == loaders, \
+        {pid: scanner.seen.get(pid, ("unseen", ""))[:2] for pid, _ in loaders}
     for pid, (role, cmdline, environ) in scanner.seen.items():
         if role != "key-holder":
             assert secret not in cmdline and secret not in environ, (pid, role, cmdline)

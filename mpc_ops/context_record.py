@@ -29,7 +29,7 @@ def record(context, source: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as sink:  # one short write per line: appends from threads do not interleave
             sink.write(json.dumps(entry) + "\n")
-    except Exception:  # noqa: BLE001 - a diagnostic record must never fail a load
+    except Exception:  # noqa: BLE001, S110 - a diagnostic record must never fail a load
         pass
 
 

@@ -36,7 +36,14 @@ import pytest
 import yaml
 
 from mpc_ops.context_record import RECORD_DIR_ENV, ROLE_ENV, read_records
-from tests.prefect_server import BIN, REPO, PrefectServer, _stop, free_port, wait_healthy
+from tests.prefect_server import (
+    BIN,
+    REPO,
+    PrefectServer,
+    _stop,
+    free_port,
+    wait_healthy,
+)
 
 TRAIN = "train/breast-cancer-deployed"
 OWNERS = {"clinic_a": "prepare-owner-bundle/clinic-a", "clinic_b": "prepare-owner-bundle/clinic-b"}
@@ -50,11 +57,11 @@ FAST = {  # a short scheduler loop and worker poll, so a scheduled run fires and
 
 
 class _Server(PrefectServer):
-    extra: dict = {}
+    extra: dict | None = None
 
     @property
     def env(self) -> dict:
-        return {**super().env, **FAST, **self.extra}
+        return {**super().env, **FAST, **(self.extra or {})}
 
 
 @contextlib.contextmanager
@@ -82,15 +89,22 @@ class _Processes:
         self.logs, self.started = logs, {}  # role -> (Popen, argv, env we passed)
 
     def start(self, role: str, argv: list[str], env: dict) -> subprocess.Popen:
-        sink = open(self.logs / f"{role}.log", "w")
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        sink.close()
+        with open(self.logs / f"{role}.log", "w") as sink:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.started[role] = (proc, argv, env)
         return proc
 
     def stop_all(self) -> None:
+        """Stop all at once (each one's SIGINT → SIGTERM → SIGKILL runs in its own thread), then wait."""
+        threads = [threading.Thread(target=_stop, args=(proc,), kwargs={"grace": 10})
+                   for proc, _, _ in self.started.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         for proc, _, _ in self.started.values():
-            _stop(proc, grace=10)
+            assert proc.poll() is not None
 
 
 def _proc_read(pid: int, name: str) -> str:
@@ -134,10 +148,13 @@ class _ProcScanner(threading.Thread):
                 self.sample()
 
 
-def _mark(what: str, _t0=[]) -> None:
+_T0: list[float] = []
+
+
+def _mark(what: str) -> None:
     """Stage timings on stderr (shown with -s or on failure)."""
-    _t0 or _t0.append(time.monotonic())
-    print(f"[{time.monotonic() - _t0[0]:6.1f} s] {what}", file=sys.stderr)
+    _T0[:] = [time.monotonic()] if what == "start" or not _T0 else _T0
+    print(f"[{time.monotonic() - _T0[0]:6.1f} s] {what}", file=sys.stderr)
 
 
 def _wait_run(client, run_id, timeout: float):
@@ -287,7 +304,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                 table = pd.read_csv(tables["clinic_b"])
                 table.loc[0, "mean_radius"] += 0.5
                 table.to_csv(tables["clinic_b"], index=False)
-                anchor = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+                anchor = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=3)
                 [schedule] = client.create_deployment_schedules(
                     train_dep.id, [(IntervalSchedule(interval=datetime.timedelta(hours=1), anchor_date=anchor), True)])
                 assert any(s.id == schedule.id for s in client.read_deployment(train_dep.id).schedules)
@@ -312,7 +329,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                 scanner.join(5)
             procs.stop_all()
     lineage = subprocess.run([str(BIN / "hetrain"), "lineage", str(run_dir)], capture_output=True, text=True,
-                             timeout=60, cwd=REPO)
+                             timeout=60, cwd=REPO, check=False)
     elapsed = time.monotonic() - started_at
 
     # ---- Assert: artifacts of the first run ----
@@ -380,7 +397,7 @@ def test_context_record_writes_one_line_per_load_with_role_and_privacy(ckks_keys
     # Prepare
     from mpc_ops import ckks
 
-    holder, public = ckks_keys
+    holder, _ = ckks_keys
     monkeypatch.setenv(RECORD_DIR_ENV, str(tmp_path / "rec"))
     monkeypatch.setenv(ROLE_ENV, "trainer")
     # Execute: one public load through load_public_context, one refused private load

@@ -43,13 +43,15 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): store.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def snapshot(run_dir: Path) -> dict:
-    """What is on disk now and must survive the next run: complete checkpoints, the audit log, bundles."""
+def snapshot(run_dir: Path, key_dir: Path | None = None) -> dict:
+    """What is on disk now and must survive the next run: complete checkpoints, the audit log, bundles.
+
+    `key_dir` is the key holder's folder when it is not RUN/key_holder (a `hetrain key-holder serve` service)."""
     root = Path(run_dir)
     ckpts = root / "checkpoints"
     rounds = sorted(p for p in ckpts.glob("round-*") if p.is_dir()) if ckpts.is_dir() else []
     exchange = root / "exchange"
-    audit = root / "key_holder" / "audit.jsonl"
+    audit = Path(key_dir or root / "key_holder") / "audit.jsonl"
     return {
         "checkpoints": {p.name: _digests(p) for p in rounds if deep_verify(p) is None},
         "torn_on_disk": [reason for p in rounds if (reason := deep_verify(p))],
@@ -59,10 +61,12 @@ def snapshot(run_dir: Path) -> dict:
     }
 
 
-def infer_phase(run_dir: Path, rounds: int, owners: list[str]) -> tuple[str, int | None]:
-    """Where a killed run stopped, read off its files: (phase, round being trained or None)."""
+def infer_phase(run_dir: Path, rounds: int, owners: list[str], key_dir: Path | None = None) -> tuple[str, int | None]:
+    """Where a killed run stopped, read off its files: (phase, round being trained or None).
+
+    `key_dir`: the key holder's folder when it is not RUN/key_holder (a service's --key-dir)."""
     root = Path(run_dir)
-    if not (root / "key_holder" / "secret_context.bin").exists():
+    if not (Path(key_dir or root / "key_holder") / "secret_context.bin").exists():
         return "key set-up", None
     if not all((root / "exchange" / o / "manifest.json").is_file() for o in owners):
         return "data owner upload", None
@@ -117,14 +121,14 @@ def _metrics_problems(root: Path, rounds: int) -> list[str]:
     return problems
 
 
-def _audit_problems(root: Path, before: bytes) -> list[str]:
+def _audit_problems(key_dir: Path, before: bytes) -> list[str]:
     from participants.audit import verify
 
     try:
-        verify(root / "key_holder")
+        verify(key_dir)
     except (HetrainError, OSError, ValueError) as exc:
         return [f"audit log does not verify: {exc}"]
-    after = (root / "key_holder" / "audit.jsonl").read_bytes()
+    after = (key_dir / "audit.jsonl").read_bytes()
     committed = before[: before.rfind(b"\n") + 1]  # a torn last line was never acknowledged
     return [] if after.startswith(committed) else ["audit log lost or changed entries written before the fault"]
 
@@ -145,10 +149,11 @@ def exchange_problems(config: Path, run_dir: Path) -> list[str]:
 
 
 def check_after_resume(config: Path, run_dir: Path, rounds: int, before: dict,
-                       changed_owner: str | None = None) -> dict:
+                       changed_owner: str | None = None, key_dir: Path | None = None) -> dict:
     """Every check, after a run resumed from the state in `before` (a snapshot) should have finished.
 
-    `changed_owner` is the owner whose bundle the fault itself damaged: it may be re-published."""
+    `changed_owner` is the owner whose bundle the fault itself damaged: it may be re-published.
+    `key_dir` is the key holder's folder when it is not RUN/key_holder (a service's --key-dir)."""
     root = Path(run_dir)
     resumed_after = max((int(_ROUND.fullmatch(n).group(1)) for n in before["checkpoints"]), default=0)
     chain, torn_read = _lineage_problems(root, rounds, resumed_after)
@@ -161,7 +166,7 @@ def check_after_resume(config: Path, run_dir: Path, rounds: int, before: dict,
         "checkpoints": chain + ([f"temporary directories left: {leftovers}"] if leftovers else []),
         "lost": lost,
         "metrics": _metrics_problems(root, rounds),
-        "audit": _audit_problems(root, before["audit"]),
+        "audit": _audit_problems(Path(key_dir or root / "key_holder"), before["audit"]),
         "exchange": exchange_problems(config, root),
     }
     loss = bool(problems["lost"] or problems["metrics"] or problems["audit"] or problems["exchange"]

@@ -71,8 +71,9 @@ def markdown(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [_row(i, r) for i, r in enumerate(result["faults"], start=1)]
-    lines += ["", "Not run (not counted in the totals):", ""]
-    lines += [f"- **{r['kind']}** (`{r['name']}`): {r['note']}" for r in result["not_run"]]
+    if result["not_run"]:
+        lines += ["", "Not run (not counted in the totals):", ""]
+        lines += [f"- **{r['kind']}** (`{r['name']}`): {r['note']}" for r in result["not_run"]]
     lines += [
         "", "## Checks after every fault", "",
         "- every checkpoint `round-00001` … `round-NNNNN` is present, holds exactly its three files, and each file "
@@ -84,7 +85,12 @@ def markdown(result: dict) -> str:
         "rounds 1..n exactly once, or a manifest or blob in the exchange store does not verify;",
         "- the full disk must stop the run with one `hetrain: error:` line and no traceback, keep the previous "
         "checkpoint loadable and leave no temporary directory; a corrupt manifest must be refused by the trainer "
-        "with a named error (`BundleError`, `DigestMismatch`).", "",
+        "with a named error (`BundleError`, `DigestMismatch`);",
+        "- the unreachable key holder: the trainer runs against `hetrain key-holder serve` in its own process, which "
+        "is SIGKILLed after round 1's checkpoint; the trainer must use all its `key_holder.retries` and stop with one "
+        "`hetrain: error: KeyHolderUnreachable` line naming the `--resume` command and no traceback; the checkpoints, "
+        "the exchange store and the service's audit log (`participants.audit.verify` on its `--key-dir`) must be "
+        "intact; the service is then started again on the same key directory and port and the run resumed.", "",
         f"Failpoint cost with `HETRAIN_FAILPOINTS` unset: {cost['ns_per_call_unset']} ns a call (an empty lambda: "
         f"{cost['ns_per_empty_lambda']} ns), {cost['hits_per_round']} calls per {cost['round_seconds']} s round: "
         f"{cost['fraction_of_round']:.1g} of the round.", "",

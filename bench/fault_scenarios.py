@@ -1,21 +1,27 @@
 """The faults themselves: SIGKILL (at a failpoint or a random time), a full disk during a checkpoint,
-and a corrupted owner manifest. Each injects one fault into a real `hetrain train` run, resumes it
-the way a user would, and returns one record for the report."""
+a corrupted owner manifest, and a key-holder service SIGKILLed mid-run. Each injects one fault into a
+real `hetrain train` run, resumes it the way a user would, and returns one record for the report."""
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from flows.checkpoint import latest_checkpoint, load_checkpoint
 from mpc_ops.errors import HetrainError
 
-from .fault_checks import check_after_resume, deep_verify, infer_phase, snapshot
-from .fault_env import Outcome, PrefectServer, run_hetrain
+from .fault_checks import check_after_resume, deep_verify, exchange_problems, infer_phase, snapshot
+from .fault_env import HETRAIN, REPO, Outcome, PrefectServer, _free_port, run_hetrain
 
 
 @dataclass
@@ -65,11 +71,13 @@ def _process(outcome: Outcome) -> dict:
 
 
 def _check_finished(s: Setup, run_dir: Path, config: Path, rounds: int, before: dict, ref: dict,
-                    changed_owner: str | None = None) -> dict:
-    """Every check on a run that finished after a fault, plus the accuracy against `ref` (uninterrupted)."""
+                    changed_owner: str | None = None, key_dir: Path | None = None) -> dict:
+    """Every check on a run that finished after a fault, plus the accuracy against `ref` (uninterrupted).
+
+    `key_dir`: the key holder's folder when it is a service's --key-dir (DIR/key_holder) instead of RUN/key_holder."""
     start = time.perf_counter()
-    checks = check_after_resume(config, run_dir, rounds, before, changed_owner)
-    audit_cli = run_hetrain(["audit", "verify", str(run_dir)], s.server)
+    checks = check_after_resume(config, run_dir, rounds, before, changed_owner, key_dir=key_dir)
+    audit_cli = run_hetrain(["audit", "verify", str(Path(key_dir).parent if key_dir else run_dir)], s.server)
     if audit_cli.returncode != 0:
         checks["problems"]["audit_cli"] = [audit_cli.tail()]
     compared = _compare(run_dir, ref, s.tolerance)
@@ -80,14 +88,14 @@ def _check_finished(s: Setup, run_dir: Path, config: Path, rounds: int, before: 
 
 
 def _resume_and_check(s: Setup, run_dir: Path, config: Path, rounds: int, before: dict, ref: dict,
-                      changed_owner: str | None = None) -> dict:
+                      changed_owner: str | None = None, key_dir: Path | None = None) -> dict:
     """`hetrain train CONFIG --run-dir RUN --resume` as a user runs it, then every check."""
     resume = run_hetrain(["train", str(config), "--run-dir", str(run_dir), "--resume"], s.server)
     record = {"resume": _process(resume), "processes": [resume]}
     if resume.returncode != 0:
         return {**record, "recovered": False, "data_loss": True, "torn_checkpoints_read": 0,
                 "problems": {"resume": [resume.tail()]}}
-    return {**record, **_check_finished(s, run_dir, config, rounds, before, ref, changed_owner)}
+    return {**record, **_check_finished(s, run_dir, config, rounds, before, ref, changed_owner, key_dir)}
 
 
 def sigkill(s: Setup, name: str, *, failpoints: str | None = None, kill_after: float | None = None,
@@ -243,8 +251,143 @@ def corrupt_manifest(s: Setup, name: str, how: str) -> dict:
     return {**record, **resumed}
 
 
-def unreachable_key_holder(s: Setup, name: str) -> dict:
-    """PLACEHOLDER, not run: the key-holder HTTP service is being built on another branch. After the
-    merge this fault stops that service mid-round and checks the trainer's retries and the resume."""
-    return {"name": name, "kind": "unreachable key holder", "status": "not run", "injected": False,
-            "counted": False, "note": "waits for the key-holder HTTP service (another branch); not faked"}
+class KeyHolderService:
+    """`hetrain key-holder serve CONFIG --key-dir DIR/key_holder` in its own process (own session) on a fixed
+    loopback port, so it can be SIGKILLed and started again on the same key directory and address."""
+
+    def __init__(self, s: Setup, folder: Path, port: int):
+        self.s, self.folder, self.port = s, folder, port
+        self.key_dir, self.token_file = folder / "key_holder", folder / "service.token"
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts: list[float] = []
+
+    def start(self, timeout: float = 120.0) -> "KeyHolderService":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(self.folder / "service.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                HETRAIN + ["key-holder", "serve", str(self.s.config), "--key-dir", str(self.key_dir),
+                           "--port", str(self.port), "--token-file", str(self.token_file)],
+                cwd=REPO, env=self.s.server.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while time.perf_counter() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the key-holder service exited with {self.proc.returncode}: "
+                                   f"{(self.folder / 'service.log').read_text()[-1500:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as response:
+                    if response.status == 200:
+                        self.starts.append(round(time.perf_counter() - start, 2))
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the key-holder service on port {self.port} did not answer in {timeout:.0f} s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM killer would: no shutdown handler runs."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+UNREACHABLE_CLIENT = {"timeout_s": 10, "retries": 2, "backoff_s": 0.5}
+
+
+def _service_config(s: Setup, name: str, service: KeyHolderService) -> Path:
+    """The harness's config plus a key_holder section pointing at the service (beside it: same data paths)."""
+    raw = yaml.safe_load(s.config.read_text())
+    raw["key_holder"] = {"url": service.url, "token_file": str(service.token_file), **UNREACHABLE_CLIENT}
+    path = s.config.with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _kill_after_checkpoint(service: KeyHolderService, checkpoint: Path, delay: float, stop: threading.Event,
+                           record: dict) -> None:
+    """Wait for `checkpoint` to be complete, then `delay` s more, then SIGKILL the service."""
+    while not stop.is_set() and not (checkpoint / "state.json").is_file():
+        time.sleep(0.05)
+    if stop.is_set() or stop.wait(delay):
+        return
+    service.kill()
+    record["killed_at"] = time.perf_counter()
+
+
+def unreachable_key_holder(s: Setup, name: str, *, delay: float = 0.0, after_round: int = 1) -> dict:
+    """Train against the key-holder service in its own process; SIGKILL the service `delay` s after round
+    `after_round`'s checkpoint is complete. The trainer must retry (key_holder.retries) and stop cleanly with
+    KeyHolderUnreachable, one error line naming the resume, no traceback, nothing lost. Then the service is
+    started again on the same key directory and port and `hetrain train CONFIG --run-dir RUN --resume`
+    must finish within tolerance of the uninterrupted run."""
+    from participants.audit import AuditError, verify
+
+    run_dir, folder = s.work / "runs" / name, s.work / "key-holders" / name
+    service = KeyHolderService(s, folder, _free_port())
+    config = _service_config(s, name, service)
+    record = {"name": name, "kind": "unreachable key holder", "trigger": "SIGKILL of the key-holder service",
+              "kill_point": f"service SIGKILLed {delay:.2f} s after round {after_round}'s checkpoint",
+              "where": f"{delay:.2f} s after round {after_round}'s checkpoint", "client": dict(UNREACHABLE_CLIENT),
+              "processes": []}
+    stop, killed = threading.Event(), {}
+    try:
+        service.start()
+        watcher = threading.Thread(target=_kill_after_checkpoint, daemon=True, args=(
+            service, run_dir / "checkpoints" / f"round-{after_round:05d}", delay, stop, killed))
+        watcher.start()
+        first = run_hetrain(["train", str(config), "--run-dir", str(run_dir)], s.server)
+        stop.set()
+        watcher.join()
+        record["processes"].append(first)
+        record["first"] = _process(first)
+        phase, round_killed = infer_phase(run_dir, s.rounds, s.owners, service.key_dir)
+        record.update(phase=phase, round_killed=round_killed)
+        if "killed_at" in killed:
+            record["stopped_seconds_after_the_kill"] = round(time.perf_counter() - killed["killed_at"], 2)
+        record["injected"] = "killed_at" in killed and first.returncode != 0
+        if not record["injected"]:
+            record.update(recovered=False, data_loss=False, torn_checkpoints_read=0,
+                          note=f"the service was {'killed' if killed else 'not killed'}, the trainer ended with "
+                               f"code {first.returncode}: not counted")
+            return record
+        errors = [line for line in first.stderr.splitlines() if line.startswith("hetrain: error:")]
+        attempts = re.search(r"after (\d+) attempt\(s\)", errors[0]) if errors else None
+        record["error_line"] = errors[0][:600] if errors else first.tail()
+        record["attempts"] = int(attempts.group(1)) if attempts else None
+        record["retry_warnings"] = len(re.findall(r"retry \d+ of \d+", first.stderr))
+        record["clean_error"] = (first.returncode == 1 and len(errors) == 1 and "KeyHolderUnreachable" in errors[0]
+                                 and f"hetrain train {config.resolve()} --run-dir {run_dir.resolve()} --resume"
+                                 in errors[0] and "Traceback" not in first.stderr + first.stdout)
+        record["retried"] = record["attempts"] == UNREACHABLE_CLIENT["retries"] + 1
+        before = snapshot(run_dir, service.key_dir)
+        problems = {}
+        if before["torn_on_disk"]:
+            problems["checkpoints"] = before["torn_on_disk"]
+        if f"round-{after_round:05d}" not in before["checkpoints"]:
+            problems.setdefault("checkpoints", []).append(f"round-{after_round:05d} is not complete")
+        try:
+            verify(service.key_dir)
+            record["audit_after_the_kill"] = "verifies"
+        except AuditError as exc:  # killed between appending an entry and recording it: adopted on restart
+            record["audit_after_the_kill"] = str(exc)[:400]
+            if "stopped between appending an entry and recording it" not in str(exc):
+                problems["audit"] = [f"audit log does not verify after the kill: {exc}"]
+        if exchange := exchange_problems(config, run_dir):
+            problems["exchange"] = exchange
+        service.start()  # the same key directory, token and port
+        resumed = _resume_and_check(s, run_dir, config, s.rounds, before, s.reference, key_dir=service.key_dir)
+        record["processes"] += resumed.pop("processes")
+        resumed["problems"] = {**problems, **resumed.get("problems", {})}
+        resumed["data_loss"] = resumed["data_loss"] or bool(problems)
+        resumed["recovered"] = resumed["recovered"] and not problems and record["clean_error"] and record["retried"]
+        return {**record, **resumed}
+    finally:
+        stop.set()
+        service.stop()

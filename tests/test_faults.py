@@ -1,4 +1,5 @@
-"""Fault injection: the failpoint module, and one real kill, full disk and corrupt manifest, each resumed."""
+"""Fault injection: the failpoint module, and one real kill, full disk, corrupt manifest and killed key-holder
+service, each resumed."""
 
 import errno
 import os
@@ -148,13 +149,13 @@ def test_missing_hostile_catalogue_gives_null_figures_and_a_note(tmp_path, monke
 
 
 def test_a_placeholder_fault_is_reported_as_not_run_and_not_counted():
-    # Prepare
+    # Prepare: a fault the machine cannot inject (a tmpfs needs root)
     from bench import fault_report, faults
-    from bench import fault_scenarios as sc
 
     done = {"name": "kill-01", "kind": "sigkill", "kill_point": "x=kill@1", "injected": True, "counted": True,
             "recovered": True, "data_loss": False, "torn_checkpoints_read": 0, "segfaults": 0}
-    placeholder = {**sc.unreachable_key_holder(None, "unreachable-key-holder"), "segfaults": 0}
+    placeholder = {"name": "enospc-tmpfs", "kind": "enospc", "status": "not run", "injected": False, "counted": False,
+                   "note": "cannot mount a tmpfs here (CalledProcessError); needs root", "segfaults": 0}
     # Execute
     figures = faults.totals([done, placeholder], {"bad_inputs_tried": None, "bad_inputs_rejected_cleanly": None,
                                                   "distinct_bad_inputs": None, "segfaults": None})
@@ -170,7 +171,7 @@ def test_a_placeholder_fault_is_reported_as_not_run_and_not_counted():
         "failpoint_cost": {"ns_per_call_unset": 40.0, "ns_per_empty_lambda": 30.0, "hits_per_round": 60,
                            "round_seconds": 1.5, "fraction_of_round": 2e-6},
     })
-    assert "**unreachable key holder** (`unreachable-key-holder`): waits for the key-holder HTTP service" in report
+    assert "- **enospc** (`enospc-tmpfs`): cannot mount a tmpfs here (CalledProcessError); needs root" in report
 
 
 # ---- real faults in real `hetrain` processes (slow) --------------------------------------------
@@ -227,3 +228,18 @@ def test_manifest_with_a_wrong_digest_is_refused_by_name_and_nothing_written_is_
     assert record["cli_outcome"].startswith("refused: hetrain: error: DigestMismatch: owner 'clinic_b'")
     assert record["clean_error"] and record["resume"]["returncode"] == 0
     assert record["data_loss"] is False and record["problems"] == {} and record["recovered"]
+
+
+@pytest.mark.slow
+def test_killed_key_holder_service_stops_the_trainer_cleanly_and_the_run_resumes_once_it_is_back(fault_setup):
+    # Prepare / Execute: the service is SIGKILLed right after round 1's checkpoint
+    from bench import fault_scenarios as sc
+
+    record = sc.unreachable_key_holder(fault_setup, "unreachable", delay=0.0, after_round=1)
+    # Assert: retries used up, one error line naming the resume, no traceback; nothing lost; resumed
+    assert record["injected"] and record["first"]["returncode"] == 1 and record["phase"] == "round 2"
+    assert record["error_line"].startswith("hetrain: error: KeyHolderUnreachable: key holder at http://127.0.0.1:")
+    assert record["attempts"] == sc.UNREACHABLE_CLIENT["retries"] + 1 and record["clean_error"]
+    assert record["audit_after_the_kill"] == "verifies"
+    assert record["resume"]["returncode"] == 0 and record["problems"] == {}
+    assert record["data_loss"] is False and record["torn_checkpoints_read"] == 0 and record["recovered"]

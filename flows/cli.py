@@ -175,7 +175,7 @@ def cmd_serve(args) -> int:
     from mpc_ops.config import load_config
     from mpc_ops.errors import HetrainError
 
-    from .serve import check_api_url, check_cron, serve
+    from .serve import arm_stop_watchdog, check_api_url, check_cron, serve
 
     try:
         cfg, config_path = load_config(args.config)
@@ -187,6 +187,7 @@ def cmd_serve(args) -> int:
     name = args.name or cfg.name
     print(f"hetrain: serving train/{name} on {url} (cron {args.cron!r}); each run is a new generation of {run_dir}")
     print("  press Ctrl-C to stop (the schedule is paused when serving stops)")
+    arm_stop_watchdog(f"train/{name}", f"hetrain: stopped serving train/{name}")
     try:
         serve(config_path, run_dir, name, args.cron, cfg.name)
     except KeyboardInterrupt:

@@ -66,6 +66,34 @@ def serve(config_path: Path, run_dir: Path, name: str, cron: str, run_name: str)
         _pause(f"{train.name}/{name}")
 
 
+STOP_GRACE_SECONDS = 30
+
+
+def arm_stop_watchdog(deployment: str, message: str) -> None:
+    """Make Ctrl-C always stop serving: the first SIGINT raises KeyboardInterrupt as usual and starts a
+    timer; if Prefect's runner has not shut down within STOP_GRACE_SECONDS (seen once on a loaded CI
+    machine), the timer pauses the deployment, prints `message` and ends the process."""
+    import os
+    import signal
+    import threading
+
+    def hard_stop() -> None:
+        pauser = threading.Thread(target=_pause, args=(deployment,), daemon=True)
+        pauser.start()
+        pauser.join(10)
+        print(message, flush=True)
+        os._exit(0)
+
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        timer = threading.Timer(STOP_GRACE_SECONDS, hard_stop)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 def _pause(deployment: str) -> None:
     """Pause the served deployment. Prefect does this on a normal shutdown, but not when Ctrl-C
     arrives while its runner is still starting; a paused deployment creates no runs nobody serves."""

@@ -99,3 +99,37 @@ def test_ctrl_c_stops_serving_cleanly_and_pauses_the_schedule(tmp_path):
     assert proc.returncode == 0
     assert "hetrain: stopped serving train/nightly" in output and "Traceback" not in output
     assert "'paused': True" in paused
+
+
+def test_ctrl_c_stops_serving_even_when_the_runner_does_not_shut_down(tmp_path):
+    # Prepare: a stand-in for a runner that swallows KeyboardInterrupt and never returns
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from flows import serve\n"
+        "serve.STOP_GRACE_SECONDS = 1\n"
+        "serve._pause = lambda deployment: print('paused', deployment, flush=True)\n"
+        "serve.arm_stop_watchdog('train/x', 'hetrain: stopped serving train/x')\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    try:\n"
+        "        time.sleep(0.1)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass  # a runner stuck in its shutdown\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "ready"
+    # Execute
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    # Assert: the watchdog paused the deployment, said so, and ended the process with 0 after the grace time
+    assert proc.returncode == 0
+    assert out.splitlines() == ["paused train/x", "hetrain: stopped serving train/x"]
+    assert 1 <= time.monotonic() - started < 20

@@ -108,16 +108,7 @@ def encrypt(context: ts.Context, values: np.ndarray) -> bytes:
 def load_vector(context: ts.Context, blob: bytes, layout: "CiphertextLayout | list[CiphertextLayout]") -> ts.CKKSVector:
     """Check a ciphertext blob's structure, level and scale against `layout` (or the first of several
     allowed layouts it matches), then deserialize it."""
-    layouts = layout if isinstance(layout, list) else [layout]
-    first = None
-    for candidate in layouts:
-        try:
-            wire.check(blob, candidate)
-            break
-        except BundleError as exc:
-            first = first or exc
-    else:
-        raise first
+    wire.check_any(blob, layout if isinstance(layout, list) else [layout])
     try:
         return ts.ckks_vector_from(context, bytes(blob))
     except (RuntimeError, ValueError, TypeError) as exc:  # SEAL's own checks, e.g. a coefficient >= its prime

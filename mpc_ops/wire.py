@@ -91,6 +91,17 @@ def parse(blob: bytes, *, max_slots: int) -> VectorBlob:
     return VectorBlob(size=size, seal_ciphertext=seal, scale=scale)
 
 
+def check_any(blob: bytes, layouts: list[CiphertextLayout]) -> VectorBlob:
+    """`check` against each allowed layout in turn; raise the first layout's refusal if none fits."""
+    first = None
+    for layout in layouts:
+        try:
+            return check(blob, layout)
+        except BundleError as exc:
+            first = first or exc
+    raise first
+
+
 def check(blob: bytes, layout: CiphertextLayout) -> VectorBlob:
     """Parse a blob and check that it is one ciphertext of `layout` (degree, level, scale), before TenSEAL sees it."""
     limit = 2 * layout.payload_size + 4096  # zstd never grows random coefficients by more than a few bytes

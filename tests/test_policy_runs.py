@@ -84,7 +84,7 @@ def test_encrypted_label_run_never_holds_a_plaintext_label_in_the_trainer(encryp
 def test_strict_run_trains_breast_cancer_revealing_only_aggregated_gradients(prefect_harness, demo_data, tmp_path):
     from flows.train_flow import train
 
-    path = config(tmp_path, demo_data, "breast_cancer_strict", train={"rounds": 3})
+    path = config(tmp_path, demo_data, "breast_cancer_strict", train={"rounds": 4})
     result = train(str(path), str(tmp_path / "run"))
     final = result["final"]
     assert final["policy_mode"] == "strict + encrypted labels" and final["circuit_depth"] == 6

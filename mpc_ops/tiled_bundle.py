@@ -6,28 +6,19 @@ none, and `labels()` refuses.
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import store
-from .bundle import MAX_BLOB_BYTES
+from .bundle import MAX_BLOB_BYTES, BatchRef
 from .circuit import CipherOps, Val
 from .errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError
 from .tiled import Tiling
 from .tiled_net import Inputs
 
 
-@dataclass(frozen=True)
-class TiledRef:
-    split: str
-    owners: tuple[str, ...]
-    index: int
-
-    @property
-    def batch_id(self) -> str:
-        return f"{self.split}/{'+'.join(self.owners)}/b{self.index:04d}"
+TiledRef = BatchRef  # a tiled batch is named like any other: split, owners, index
 
 
 class TiledStore:

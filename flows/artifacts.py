@@ -102,6 +102,7 @@ def _lineage_section(lineage: dict | None) -> list[str]:
             ("key id", f"`{lineage['key_id']}`"),
             *[(f"owner {owner}", f"manifest sha256 `{digest}`")
               for owner, digest in sorted(lineage.get("manifest_sha256", {}).items())],
+            *([("exchange store", f"`{lineage['exchange']}`")] if lineage.get("exchange") else []),
             ("parent checkpoint", f"`{parent}` sha256 `{lineage['parent_checkpoint_sha256']}`" if parent
              else "none (fresh start)"),
             ("final checkpoint", f"`{lineage['checkpoint']}` sha256 `{lineage['checkpoint_sha256']}`"),

@@ -144,15 +144,18 @@ def cmd_train(args) -> int:
     final, out = result["final"], Path(result["out_dir"])
     print()
     print(f"hetrain: run '{cfg.name}' finished ({final['stop_reason']})")
-    print(f"  test accuracy (encrypted hybrid): {final['test_accuracy']:.4f}")
+    mode = f"encrypted, {final.get('policy_mode', 'hybrid')}"
+    width = max(len(mode), len("plaintext twin"))
+    print(f"  test accuracy ({mode}):{' ' * (width - len(mode))} {final['test_accuracy']:.4f}")
     if final["plaintext_twin_test_accuracy"] is not None:
-        print(f"  test accuracy (plaintext twin):   {final['plaintext_twin_test_accuracy']:.4f}")
+        print(f"  test accuracy (plaintext twin):{' ' * (width - 14)} {final['plaintext_twin_test_accuracy']:.4f}")
     print(f"  decryptions: {final['decryptions']}, policy refusals: {final['policy_refusals']}, "
           f"seconds/round: {final['mean_seconds_per_round']}, bytes/round: {final['mean_bytes_per_round']:,}")
     if result["generation"] is not None:
         parent = result["lineage"]["parent_checkpoint"]
         print(f"  generation {result['generation']} of {run_dir} ({f'warm start from {parent}' if parent else 'fresh start'})")
-    print(f"  results:  {out}/metrics.json, {out}/summary.md, {out}/plots/training.png")
+    plot = f", {out}/plots/training.png" if (out / "plots" / "training.png").is_file() else ""
+    print(f"  results:  {out}/metrics.json, {out}/summary.md{plot}")
     print("  Prefect UI: the runs are stored in Prefect's local database; to browse them run")
     print(f"    {_prefect_bin()} server start")
     print("  and open http://127.0.0.1:4200/runs (flow 'train', run "

@@ -5,6 +5,7 @@ own parameter; the trainer triggers it with the exchange location and the public
 only, so the owner's worker is the only process that ever reads the raw table.
 """
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,9 +16,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from mpc_ops import store
+from mpc_ops import ckks, store
 from mpc_ops.config import OwnerConfig, RunConfig, parse_config
 from mpc_ops.errors import ConfigError, OwnerDeploymentError
+from mpc_ops.exchange_url import PUBLIC_CONTEXT, RemoteExchange
 from participants import data_owner
 
 from .runtime import Runtime, packing_plan
@@ -44,32 +46,62 @@ def owner_entry(cfg: RunConfig, owner: str, table_path: str) -> OwnerConfig:
     return entry.model_copy(update={"path": Path(table_path).resolve(), "deployment": None})
 
 
+def default_outbox(url: str) -> Path:
+    """Where a deployed owner prepares its bundle before publishing it to exchange.url: kept between runs,
+    so an unchanged table is not encrypted again."""
+    return Path.home() / ".cache" / "hetrain" / "outbox" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 @task(name="encrypt-owner-bundle", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=transient_only)
-def encrypt_owner_bundle(cfg: RunConfig, owner: OwnerConfig, exchange_dir: str, public_context: str) -> dict:
-    """Validate, standardise and encrypt the owner's table into the exchange store."""
-    context = Path(public_context).read_bytes()
-    manifest = data_owner.prepare(cfg, owner, context, packing_plan(cfg), Path(exchange_dir))
+def encrypt_owner_bundle(cfg: RunConfig, owner: OwnerConfig, exchange_dir: str, public_context: str,
+                         outbox_dir: str | None = None) -> dict:
+    """Validate, standardise and encrypt the owner's table into the exchange store.
+
+    With exchange.url set, the public context is read from the URL, and the bundle is prepared in the
+    owner's outbox and published to the URL (blobs first, manifest last).
+    """
+    if cfg.exchange.url is None:
+        context = Path(public_context).read_bytes()
+        manifest = data_owner.prepare(cfg, owner, context, packing_plan(cfg), Path(exchange_dir))
+        return owner_summary(manifest, manifest["reused"])
+    remote = RemoteExchange(cfg.exchange.url, cfg.exchange.storage_options)
+    context = remote.read(PUBLIC_CONTEXT, ckks.MAX_CONTEXT_BYTES, "public context")
+    outbox = Path(outbox_dir) if outbox_dir else default_outbox(cfg.exchange.url)
+    manifest = data_owner.prepare(cfg, owner, context, packing_plan(cfg), outbox)
+    published = remote.publish_owner(outbox / owner.name, owner.name)
+    get_run_logger().info("owner %s: published %d files (%d bytes) to %s", owner.name, published["files"],
+                          published["bytes"], remote.where(owner.name))
     return owner_summary(manifest, manifest["reused"])
 
 
 @flow(name="prepare-owner-bundle", flow_run_name="prepare-{owner}")
-def prepare_owner_bundle(owner: str, table_path: str, config: dict, exchange_dir: str, public_context: str) -> dict:
+def prepare_owner_bundle(owner: str, table_path: str, config: dict, exchange_dir: str, public_context: str,
+                         outbox_dir: str | None = None) -> dict:
     """The owner's side, on the owner's worker: its own table in, a ciphertext bundle out.
 
-    `owner` and `table_path` are the deployment's own parameters; the trainer passes only the
-    validated config, the exchange folder and the public context's path.
+    `owner`, `table_path` and `outbox_dir` (with exchange.url: where the bundle is prepared before it is
+    published; default ~/.cache/hetrain/outbox/<url digest>) are the deployment's own parameters; the
+    trainer passes only the validated config, the exchange location and the public context's location.
     """
     cfg = parse_config(config, f"config sent to owner '{owner}'")
-    summary = encrypt_owner_bundle(cfg, owner_entry(cfg, owner, table_path), exchange_dir, public_context)
+    summary = encrypt_owner_bundle(cfg, owner_entry(cfg, owner, table_path), exchange_dir, public_context,
+                                   outbox_dir)
     get_run_logger().info("owner %s: %d ciphertexts, %d bytes (%s)", owner, summary["ciphertexts"],
                           summary["bytes"], "reused" if summary["reused"] else "encrypted")
     return summary
 
 
-def _manifest_digest(rt: Runtime, owner: str) -> str | None:
+def _manifest(rt: Runtime, owner: str) -> bytes | None:
+    """An owner's published manifest (from exchange.url, or the exchange folder), None before its first."""
+    if rt.remote is not None:
+        return rt.remote.manifest_bytes(owner)
     path = rt.paths.exchange / owner / data_owner.MANIFEST
-    return store.sha256_file(path) if path.is_file() else None
+    return path.read_bytes() if path.is_file() else None
+
+
+def _digest(data: bytes | None) -> str | None:
+    return None if data is None else store.sha256_bytes(data)
 
 
 def prepare_deployed_owners(rt: Runtime, timeout: float = OWNER_TIMEOUT_SECONDS) -> dict[str, dict]:
@@ -81,9 +113,11 @@ def prepare_deployed_owners(rt: Runtime, timeout: float = OWNER_TIMEOUT_SECONDS)
     owners = [o for o in rt.cfg.data.owners if o.deployment is not None]
     if not owners:
         return {}
-    parameters = {"config": rt.cfg.model_dump(mode="json"), "exchange_dir": str(rt.paths.exchange),
-                  "public_context": str(rt.paths.public_context)}
-    before = {o.name: _manifest_digest(rt, o.name) for o in owners}
+    remote = rt.remote
+    parameters = {"config": rt.cfg.model_dump(mode="json"),
+                  "exchange_dir": str(rt.paths.exchange) if remote is None else remote.url,
+                  "public_context": str(rt.paths.public_context) if remote is None else remote.where(PUBLIC_CONTEXT)}
+    before = {o.name: _digest(_manifest(rt, o.name)) for o in owners}
     started = {}
     for o in owners:
         try:
@@ -103,8 +137,12 @@ def prepare_deployed_owners(rt: Runtime, timeout: float = OWNER_TIMEOUT_SECONDS)
                 f" ({state.message if state and state.message else 'see its flow run in the UI'}); "
                 f"no bundle was published"
             )
-        manifest = json.loads((rt.paths.exchange / o.name / data_owner.MANIFEST).read_text())
-        summaries[o.name] = owner_summary(manifest, reused=before[o.name] == _manifest_digest(rt, o.name))
+        data = _manifest(rt, o.name)
+        if data is None:
+            raise OwnerDeploymentError(f"owner '{o.name}': deployment '{o.deployment}' completed but published no "
+                                       f"manifest to {parameters['exchange_dir']}")
+        manifest = json.loads(data)
+        summaries[o.name] = owner_summary(manifest, reused=before[o.name] == _digest(data))
     return summaries
 
 

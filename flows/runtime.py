@@ -6,7 +6,9 @@ With a service, the trainer's process never imports participants.key_holder.
 
 Layout of RUN_DIR:
   key_holder/   secret context, budget state, audit log (only the key holder reads it)
-  exchange/     public context and each owner's bundle (what owners send)
+  exchange/     public context and each owner's bundle (what owners send); with exchange.url set, the
+                trainer's local mirror of the store at that URL
+  outbox/       with exchange.url set: bundles of in-process owners, prepared here, then published to the URL
   owners/       owner-local files: the plaintext twin's features (only with report.plaintext_twin)
   checkpoints/  one directory per round
   metrics.json, summary.md, plots/
@@ -26,6 +28,7 @@ from mpc_ops import ckks, store
 from mpc_ops.bundle import ExchangeStore
 from mpc_ops.config import KeyHolderConfig, RunConfig, load_config
 from mpc_ops.errors import BundleError
+from mpc_ops.exchange_url import RemoteExchange
 from mpc_ops.key_holder_client import HttpKeyHolderClient
 from mpc_ops.packing import PackingPlan
 from mpc_ops.planner import LayerShape, plan_layer
@@ -53,6 +56,10 @@ class RunPaths:
     @property
     def exchange(self) -> Path:
         return self.root / "exchange"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
 
     @property
     def owners(self) -> Path:
@@ -185,14 +192,39 @@ class Runtime:
                                  f"hetrain train {self.config_path} --run-dir {self.paths.root} --resume")
 
     @cached_property
+    def remote(self) -> RemoteExchange | None:
+        """The exchange store at exchange.url, or None when it is the local folder RUN_DIR/exchange."""
+        url = self.cfg.exchange.url
+        return None if url is None else RemoteExchange(url, self.cfg.exchange.storage_options)
+
+    @property
+    def owner_dir(self) -> Path:
+        """Where an in-process owner prepares its bundle: the exchange folder, or the outbox it publishes from."""
+        return self.paths.exchange if self.remote is None else self.paths.outbox
+
+    def publish_owner(self, owner: str) -> None:
+        """After an in-process owner prepared its bundle: upload it to exchange.url (nothing to do without one)."""
+        if self.remote is not None:
+            self.remote.publish_owner(self.paths.outbox / owner, owner)
+
+    def mirror_exchange(self) -> dict:
+        """Bring RUN_DIR/exchange up to date with exchange.url: files and bytes fetched per owner."""
+        if self.remote is None:
+            return {}
+        return {o.name: self.remote.mirror_owner(o.name, self.paths.exchange) for o in self.cfg.data.owners}
+
+    @cached_property
     def store(self) -> ExchangeStore:
+        self.mirror_exchange()
         return ExchangeStore(self.paths.exchange, self.cfg, self.key_id, self.plan)
 
     def publish_public_context(self) -> str:
-        """Write the key holder's public context to the exchange store; return its key id."""
+        """Write the key holder's public context to the exchange store (and exchange.url); return its key id."""
         data = self.key_holder.public_context()
         if not self.paths.public_context.exists() or self.paths.public_context.read_bytes() != data:
             store.write_bytes(self.paths.public_context, data)
+        if self.remote is not None:
+            self.remote.publish_public_context(data)
         return self.key_id
 
     def data_digest(self) -> str:
@@ -209,6 +241,7 @@ class Runtime:
             "manifests": {name: m["bundle_key"] for name, m in self.store.manifests.items()},
             "manifest_sha256": {name: store.sha256_file(self.paths.exchange / name / "manifest.json")
                                 for name in self.store.manifests},
+            "exchange": self.cfg.exchange.url or str(self.paths.exchange),
             "run_dir": str(self.paths.root),
             "generation": self.paths.generation,
         }

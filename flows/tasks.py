@@ -60,7 +60,8 @@ def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
     owner_cfg = next(o for o in rt.cfg.data.owners if o.name == owner)
     twin_dir = rt.paths.owners / owner if rt.cfg.report.plaintext_twin else None
     public = store.read_bounded(rt.paths.public_context, ckks.MAX_CONTEXT_BYTES, "public context", BundleError)
-    manifest = data_owner.prepare(rt.cfg, owner_cfg, public, rt.plan, rt.paths.exchange, twin_dir)
+    manifest = data_owner.prepare(rt.cfg, owner_cfg, public, rt.plan, rt.owner_dir, twin_dir)
+    rt.publish_owner(owner)
     blobs = data_owner.ciphertext_entries(manifest)
     return {"owner": owner, "reused": manifest["reused"], "bytes": sum(e["bytes"] for e in blobs),
             "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],

@@ -81,7 +81,8 @@ def encrypt_owner_tiled(config_path: str, run_dir: str, owner: str) -> dict:
     owner_cfg = next(o for o in rt.cfg.data.owners if o.name == owner)
     start = time.perf_counter()
     manifest = tiled_owner.prepare(rt.cfg, owner_cfg, rt.paths.public_context.read_bytes(), tiling_for(rt.cfg),
-                                   rt.paths.exchange, local_dir(rt), encrypt_test=bool(rt.cfg.policy.reveals))
+                                   rt.owner_dir, local_dir(rt), encrypt_test=bool(rt.cfg.policy.reveals))
+    rt.publish_owner(owner)
     entries = [e for s in manifest["splits"].values() for b in s["batches"]
                for e in b["rep"] + ([b["block"]] if b["block"] else []) + b["labels"]]
     return {"owner": owner, "reused": False, "bytes": sum(e["bytes"] for e in entries), "ciphertexts": len(entries),
@@ -147,6 +148,7 @@ def train_batch_tiled(session: Session, ref: TiledRef) -> Outcome:
 
 def rt_store(session: Session) -> TiledStore:
     if session.store is None:
+        session.rt.mirror_exchange()
         session.store = TiledStore(session.rt.paths.exchange, session.rt.cfg, session.rt.key_id, session.tiling)
     return session.store
 
@@ -366,7 +368,8 @@ def _train_tiled(config_path: str, run_dir: str, max_batches: int | None, engine
     store.write_bytes(rt.paths.root / "summary.md", markdown.encode())
     if engine:
         artifacts.publish_summary(rt.cfg.name, markdown, rt.paths.root / "summary.md")
-    return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root), "owners": owners}
+    return {"final": final, "rounds": rounds, "run_dir": str(rt.paths.root), "out_dir": str(rt.paths.out),
+            "generation": None, "owners": owners}
 
 
 def _checkpoint(session: Session, round_no: int, rounds: list[dict]) -> None:

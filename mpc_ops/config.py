@@ -163,6 +163,28 @@ class KeyHolderConfig(_Strict):
         return self
 
 
+class ExchangeConfig(_Strict):
+    """Where owners publish and the trainer reads bundles: unset, RUN_DIR/exchange; else a shared folder
+    or an fsspec URL (s3://bucket/prefix, gs://…, file://…), mirrored into RUN_DIR/exchange by the trainer."""
+
+    url: str | None = Field(None, min_length=1, max_length=2048)
+    # passed to the fsspec filesystem (e.g. {"anon": false, "endpoint_url": "…"}); keep secrets in the
+    # environment or the provider's own credential files, not here
+    storage_options: dict[str, str | int | float | bool] = {}
+
+    @model_validator(mode="after")
+    def _check_url(self) -> "ExchangeConfig":
+        if self.url is None:
+            if self.storage_options:
+                raise ValueError("exchange.storage_options needs exchange.url (without a url the exchange store "
+                                 "is the local folder RUN_DIR/exchange)")
+            return self
+        from .exchange_url import check_url  # that module imports the bundle reader, which imports this one
+
+        check_url(self.url)
+        return self
+
+
 def check_service_url(url: str, key: str) -> None:
     """Raise ValueError unless `url` is http(s)://HOST:PORT (an optional trailing slash, nothing else)."""
     allowed = f"{key} must be http://HOST:PORT or https://HOST:PORT (e.g. http://127.0.0.1:8765); got {url!r}"
@@ -187,6 +209,7 @@ class RunConfig(_Strict):
     packing: PackingConfig = PackingConfig()
     report: ReportConfig = ReportConfig()
     key_holder: KeyHolderConfig = KeyHolderConfig()
+    exchange: ExchangeConfig = ExchangeConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -410,7 +433,10 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()
              if k in KEY_HOLDER_FILES and v is not None}
     key_holder = cfg.key_holder.model_copy(update=files)
-    return cfg.model_copy(update={"data": data, "key_holder": key_holder}), path.resolve()
+    exchange = cfg.exchange
+    if exchange.url is not None and "://" not in exchange.url:  # a plain folder, relative to the config's
+        exchange = exchange.model_copy(update={"url": str((path.parent / exchange.url).resolve())})
+    return cfg.model_copy(update={"data": data, "key_holder": key_holder, "exchange": exchange}), path.resolve()
 
 
 KEY_HOLDER_FILES = ("token_file", "tls_ca", "tls_cert", "tls_key")

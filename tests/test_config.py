@@ -76,7 +76,7 @@ def test_parse_config_leaves_the_raw_mapping_unchanged(horizontal):
 
 
 @pytest.mark.parametrize("where, key, allowed", [
-    ((), "colour", "ckks, data, key_holder, model, name, packing, policy, report, seed, train"),
+    ((), "colour", "ckks, data, exchange, key_holder, model, name, packing, policy, report, seed, train"),
     (("train",), "epochs", "batch_size, compute, dask_address, optimizer, patience, rounds, target_accuracy, warm_start, workers"),
     (("data", "owners", 0), "colour", "deployment, features, label, name, path"),
     (("policy", "flooding"), "epsilon", "budget, security_bits"),

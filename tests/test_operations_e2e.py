@@ -209,6 +209,8 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
         shutil.copy(REPO / "data" / "demo" / "breast_cancer" / path.name, path)
     raw = yaml.safe_load((REPO / "configs" / "breast_cancer_deployed.yaml").read_text())
     raw["train"]["rounds"] = ROUNDS
+    shared = tmp_path / "shared-exchange"  # the exchange store both sides reach, given as a URL
+    raw["exchange"] = {"url": f"file://{shared}"}
     config = tmp_path / "trainer" / "breast_cancer_deployed.yaml"
     config.parent.mkdir()
     config.write_text(yaml.safe_dump(raw))
@@ -267,7 +269,8 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                 for owner, name in OWNERS.items():
                     dep = client.read_deployment_by_name(name)
                     client.update_deployment(dep.id, DeploymentUpdate(
-                        parameters={**dep.parameters, "table_path": str(tables[owner])}))
+                        parameters={**dep.parameters, "table_path": str(tables[owner]),
+                                    "outbox_dir": str(tables[owner].parent / "outbox")}))
 
                 # ---- the schedule is on train/breast-cancer, as prefect.yaml says; then paused here, so a
                 # test that happens to run at 03:00 UTC never starts a real nightly run ----
@@ -348,6 +351,13 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
     assert lineage.returncode == 0 and "Traceback" not in lineage.stdout + lineage.stderr
     assert f"warm start from {parent}" in lineage.stdout
     assert "(generation 2)" in lineage.stdout and "(generation 1)" in lineage.stdout
+
+    # ---- Assert: the owners published to the exchange URL from their own outboxes; the trainer mirrored it ----
+    for owner in OWNERS:
+        published = (shared / owner / "manifest.json").read_bytes()
+        assert published == (tables[owner].parent / "outbox" / owner / "manifest.json").read_bytes()
+        assert published == (run_dir / "exchange" / owner / "manifest.json").read_bytes()
+    assert not (run_dir / "outbox").exists()  # no owner prepared anything on the trainer's side
 
     # ---- Assert: every context the trainer and the owners loaded was public; only the service's was private ----
     loads = read_records(records)

@@ -34,6 +34,9 @@ def encrypted_label_run(prefect_harness, demo_data, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("enc_labels")
     path = config(tmp, demo_data, "breast_cancer_encrypted_labels", train={"rounds": 8}, report={"plaintext_twin": False})
+    raw = yaml.safe_load(path.read_text())  # owners publish through a shared-folder URL, the trainer mirrors it
+    raw["exchange"] = {"url": f"file://{tmp / 'shared'}"}
+    path.write_text(yaml.safe_dump(raw))
     reads: list[str] = []
     real_load = np.load
 
@@ -66,8 +69,12 @@ def test_encrypted_label_run_never_holds_a_plaintext_label_in_the_trainer(encryp
     run_dir, result, reads = encrypted_label_run
     # no label reader ran (they raise), and no numpy load touched a label or owner-local file
     assert not [r for r in reads if "label" in r or "/owners/" in r], reads
-    # the exchange store (everything that leaves the owners) holds labels only as ciphertext
-    files = [p for p in (run_dir / "exchange").rglob("*") if p.is_file()]
+    # the exchange store (everything that leaves the owners: the shared URL and the trainer's mirror of it)
+    # holds labels only as ciphertext
+    shared = run_dir.parent / "shared"
+    assert sorted(p.relative_to(shared) for p in shared.rglob("*.ct")) == \
+        sorted(p.relative_to(run_dir / "exchange") for p in (run_dir / "exchange").rglob("*.ct"))
+    files = [p for p in [*(run_dir / "exchange").rglob("*"), *shared.rglob("*")] if p.is_file()]
     assert not [p for p in files if p.suffix == ".npy"], "a plaintext array left an owner"
     label_files = [p for p in files if "label" in p.name]
     assert label_files and all(p.name.endswith(".label.ct") for p in label_files)
@@ -81,16 +88,21 @@ def test_encrypted_label_run_never_holds_a_plaintext_label_in_the_trainer(encryp
 
 
 @pytest.mark.slow
-def test_strict_run_trains_breast_cancer_revealing_only_aggregated_gradients(prefect_harness, demo_data, tmp_path):
-    from flows.train_flow import train
+def test_strict_run_trains_breast_cancer_revealing_only_aggregated_gradients(prefect_harness, demo_data, tmp_path,
+                                                                             capsys):
+    from flows.cli import main
 
     path = config(tmp_path, demo_data, "breast_cancer_strict", train={"rounds": 4})
-    result = train(str(path), str(tmp_path / "run"))
-    final = result["final"]
+    code = main(["train", str(path), "--run-dir", str(tmp_path / "run")])  # as a user runs it
+    out = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out.out + out.err, out.err[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    final = metrics["final"]
     assert final["policy_mode"] == "strict + encrypted labels" and final["circuit_depth"] == 6
-    assert final["test_accuracy"] >= 0.93, result["rounds"]
+    assert final["test_accuracy"] >= 0.93, metrics["rounds"]
+    assert f"test accuracy (encrypted, strict + encrypted labels): {final['test_accuracy']:.4f}" in out.out
+    assert f"{tmp_path / 'run'}/summary.md\n" in out.out  # the tiled engine draws no plot, and says none
     assert final["polynomial_fits"]["layers[1]"]["max_error"] == pytest.approx(0.228, abs=1e-3)
     audit = [json.loads(line) for line in (tmp_path / "run" / "key_holder" / "audit.jsonl").read_text().splitlines()]
     assert {e["kind"] for e in audit} == {"gradient"} and all(e["decision"] == "allow" for e in audit)
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final"]["polynomial_fits"]["loss_gradient"]["kind"] == "linear_sigmoid"

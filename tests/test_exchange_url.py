@@ -1,0 +1,289 @@
+"""The exchange store at a path or fsspec URL: owners publish (blobs first, manifest last), the trainer
+mirrors into RUN_DIR/exchange, checking every size before download and every digest after."""
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import pytest
+import yaml
+
+from mpc_ops import store
+from mpc_ops.bundle import ExchangeStore
+from mpc_ops.config import ExchangeConfig, load_config
+from mpc_ops.errors import BundleError, ConfigError, DigestMismatch
+from mpc_ops.exchange_url import MANIFEST, RemoteExchange, blob_entries
+from tests.conftest import write_config
+from tests.test_data_owner import build_config, file_state, prepare_owners
+
+from flows.runtime import packing_plan
+
+
+@pytest.fixture(scope="module")
+def outbox(demo_data, ckks_keys, tmp_path_factory):
+    """clinic_a's bundle, prepared once in an owner's local outbox."""
+    holder, _ = ckks_keys
+    root = tmp_path_factory.mktemp("outbox")
+    cfg = build_config("breast_cancer", {"clinic_a": demo_data / "breast_cancer" / "clinic_a.csv"})
+    prepare_owners(cfg, holder, root)
+    return {"cfg": cfg, "dir": root / "clinic_a"}
+
+
+@pytest.fixture
+def remote():
+    """A fresh in-memory object store (fsspec's memory:// filesystem), removed afterwards."""
+    url = f"memory://hetrain-test-{uuid.uuid4().hex[:8]}/run"
+    remote = RemoteExchange(url)
+    yield remote
+    remote.fs.rm(remote.root, recursive=True)
+
+
+def remote_files(r: RemoteExchange) -> dict[str, bytes]:
+    return {p[len(r.root) + 1:]: r.fs.cat_file(p) for p in r.fs.find(r.root)}
+
+
+def test_publish_then_mirror_copies_every_blob_byte_for_byte_and_the_store_reads_them(outbox, remote, ckks_keys,
+                                                                                       tmp_path):
+    # Prepare
+    holder, _ = ckks_keys
+    local = {str(p.relative_to(outbox["dir"])): p.read_bytes() for p in outbox["dir"].rglob("*") if p.is_file()}
+    # Execute
+    published = remote.publish_owner(outbox["dir"], "clinic_a")
+    fetched = remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    # Assert: the URL and the mirror hold exactly the owner's files, and the trainer's reader accepts them
+    assert remote_files(remote) == {f"clinic_a/{k}": v for k, v in local.items()}
+    assert published == {"files": len(local) - 1, "bytes": sum(len(v) for k, v in local.items() if k != MANIFEST)}
+    assert fetched == published
+    mirrored = tmp_path / "exchange" / "clinic_a"
+    assert {str(p.relative_to(mirrored)): p.read_bytes() for p in mirrored.rglob("*") if p.is_file()} == local
+    readers = [ExchangeStore(root, outbox["cfg"], holder.key_id, packing_plan(outbox["cfg"]))
+               for root in (tmp_path / "exchange", outbox["dir"].parent)]
+    mirror_batch, owner_batch = (r.load(r.batches("train")[-1]) for r in readers)
+    assert mirror_batch.n == owner_batch.n > 0 and mirror_batch.rows == owner_batch.rows
+    assert mirror_batch.parts[0].rows == owner_batch.parts[0].rows != []
+
+
+def test_an_unchanged_bundle_is_neither_uploaded_nor_fetched_again(outbox, remote, tmp_path):
+    # Prepare
+    remote.publish_owner(outbox["dir"], "clinic_a")
+    remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    before = file_state(tmp_path / "exchange")
+    fetched_before = remote.bytes_fetched
+    # Execute
+    again_up = remote.publish_owner(outbox["dir"], "clinic_a")
+    again_down = remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    # Assert: only the two manifests were read (a few KB), no blob moved, the mirror is untouched
+    assert again_up == again_down == {"files": 0, "bytes": 0}
+    manifest_size = len((outbox["dir"] / MANIFEST).read_bytes())
+    assert remote.bytes_fetched - fetched_before == 2 * manifest_size
+    assert file_state(tmp_path / "exchange") == before
+
+
+def test_a_republished_bundle_replaces_the_mirror_and_old_generations_go(outbox, remote, demo_data, ckks_keys,
+                                                                          tmp_path):
+    # Prepare: an owner whose table changes between two publications
+    holder, _ = ckks_keys
+    csv = tmp_path / "clinic_a.csv"
+    shutil.copyfile(demo_data / "breast_cancer" / "clinic_a.csv", csv)
+    cfg = build_config("breast_cancer", {"clinic_a": csv})
+    first = prepare_owners(cfg, holder, tmp_path / "outbox")["clinic_a"]
+    remote.publish_owner(tmp_path / "outbox" / "clinic_a", "clinic_a")
+    remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    extra = frame.iloc[[0]].copy()
+    extra["id"] = "bc-9999"
+    pd.concat([frame, extra], ignore_index=True).to_csv(csv, index=False)
+    # Execute
+    second = prepare_owners(cfg, holder, tmp_path / "outbox")["clinic_a"]
+    remote.publish_owner(tmp_path / "outbox" / "clinic_a", "clinic_a")
+    remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    third = prepare_owners(cfg, holder, tmp_path / "outbox", only=("clinic_a",))["clinic_a"]
+    # Assert: the mirror holds the new manifest and only its generation; the URL keeps one previous generation
+    # (a trainer may still be mirroring it) and no older one
+    gen = lambda m: blob_entries(m, "clinic_a")[0]["file"].split("/")[0]  # noqa: E731
+    assert second["bundle_key"] != first["bundle_key"] and third["reused"] is True
+    assert json.loads((tmp_path / "exchange" / "clinic_a" / MANIFEST).read_bytes()) == second
+    assert sorted(p.name for p in (tmp_path / "exchange" / "clinic_a").glob("g-*")) == [gen(second)]
+    remote_gens = {p.split("/")[-1] for p in remote.fs.ls(f"{remote.root}/clinic_a", detail=False)} - {MANIFEST}
+    assert remote_gens == {gen(first), gen(second)}
+
+
+def test_a_tampered_blob_at_the_url_is_a_digest_mismatch_and_no_manifest_is_mirrored(outbox, remote, tmp_path):
+    # Prepare: someone flips a byte in one published ciphertext
+    remote.publish_owner(outbox["dir"], "clinic_a")
+    entry = blob_entries(json.loads((outbox["dir"] / MANIFEST).read_bytes()), "clinic_a")[3]
+    path = f"{remote.root}/clinic_a/{entry['file']}"
+    data = bytearray(remote.fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01
+    remote.fs.pipe_file(path, bytes(data))
+    # Execute / Assert
+    with pytest.raises(DigestMismatch, match=rf"owner 'clinic_a': blob memory://.*/clinic_a/{entry['file']} has "
+                                             rf"SHA-256 [0-9a-f]{{64}}, its manifest says {entry['sha256']}"):
+        remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    assert not (tmp_path / "exchange" / "clinic_a" / MANIFEST).exists()  # the trainer's reader sees no bundle
+    assert not (tmp_path / "exchange" / "clinic_a" / entry["file"]).exists()
+
+
+def test_a_mirrored_blob_already_verified_is_not_fetched_again_even_if_the_url_changes_it(outbox, remote, tmp_path):
+    # Prepare: a good mirror, then the published copy of one blob is damaged
+    remote.publish_owner(outbox["dir"], "clinic_a")
+    remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    before = file_state(tmp_path / "exchange")
+    entry = blob_entries(json.loads((outbox["dir"] / MANIFEST).read_bytes()), "clinic_a")[3]
+    remote.fs.pipe_file(f"{remote.root}/clinic_a/{entry['file']}", b"\0" * entry["bytes"])
+    # Execute
+    fetched = remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    # Assert: the local copy, whose SHA-256 matched when it was fetched, stays as it was
+    assert fetched == {"files": 0, "bytes": 0}
+    assert file_state(tmp_path / "exchange") == before
+
+
+def test_a_blob_whose_size_differs_from_the_manifest_is_refused_before_download(outbox, remote, tmp_path,
+                                                                                 monkeypatch):
+    # Prepare: one published blob replaced by a 9 MB object
+    remote.publish_owner(outbox["dir"], "clinic_a")
+    entry = blob_entries(json.loads((outbox["dir"] / MANIFEST).read_bytes()), "clinic_a")[0]
+    remote.fs.pipe_file(f"{remote.root}/clinic_a/{entry['file']}", b"\0" * (9 << 20))
+    downloaded = []
+    original = remote.fs.cat_file
+    monkeypatch.setattr(remote.fs, "cat_file", lambda p, *a, **k: downloaded.append(p) or original(p, *a, **k))
+    # Execute / Assert
+    with pytest.raises(BundleError, match=rf"blob memory://.*/clinic_a/{entry['file']} is 9437184 bytes; its "
+                                          rf"manifest says {entry['bytes']} bytes"):
+        remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    assert not any(p.endswith(entry["file"]) for p in downloaded)
+    assert not (tmp_path / "exchange" / "clinic_a" / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("name", ["../../escape.ct", "/etc/passwd", "g-x/../../../escape.ct", "other/x.ct", "g-x\\..\\y"])
+def test_a_manifest_naming_a_file_outside_the_owners_generations_is_refused(outbox, remote, tmp_path, name):
+    # Prepare
+    manifest = json.loads((outbox["dir"] / MANIFEST).read_bytes())
+    manifest["splits"]["train"]["ids"]["file"] = name
+    remote.fs.pipe_file(f"{remote.root}/clinic_a/{MANIFEST}", json.dumps(manifest).encode())
+    # Execute / Assert
+    with pytest.raises(BundleError, match=r"owner 'clinic_a': manifest names the file .*; allowed: a relative "
+                                          r"path of 1..512 characters inside a generation folder"):
+        remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    assert not (tmp_path / "escape.ct").exists() and not (tmp_path / "exchange").exists()
+
+
+def test_an_oversized_manifest_and_a_missing_one_are_bundle_errors(remote, tmp_path):
+    # Prepare
+    remote.fs.pipe_file(f"{remote.root}/big/{MANIFEST}", b" " * ((16 << 20) + 1))
+    # Execute / Assert
+    with pytest.raises(BundleError, match=r"owner 'big': manifest memory://.*/big/manifest.json is 16777217 bytes; "
+                                          r"the limit is 16777216 bytes"):
+        remote.mirror_owner("big", tmp_path)
+    with pytest.raises(BundleError, match=r"owner 'nobody': no manifest at memory://.*/nobody/manifest.json; run "
+                                          r"the owner's preparation first"):
+        remote.mirror_owner("nobody", tmp_path)
+
+
+def test_a_publication_cut_before_its_manifest_leaves_the_previous_bundle_readable(outbox, remote, tmp_path,
+                                                                                    monkeypatch):
+    # Prepare: a first publication, then a second whose manifest upload fails (a lost connection)
+    remote.publish_owner(outbox["dir"], "clinic_a")
+    before = remote.manifest_bytes("clinic_a")
+    changed = tmp_path / "outbox"
+    shutil.copytree(outbox["dir"], changed)
+    manifest = json.loads((changed / MANIFEST).read_bytes())
+    old_gen = blob_entries(manifest, "clinic_a")[0]["file"].split("/")[0]
+    (changed / old_gen).rename(changed / "g-renamed")
+    text = json.dumps(manifest).replace(f'"{old_gen}/', '"g-renamed/')
+    (changed / MANIFEST).write_text(text)
+    write = remote.write
+    monkeypatch.setattr(remote, "write", lambda rel, data: (_ for _ in ()).throw(ConnectionError("reset"))
+                        if rel.endswith(MANIFEST) else write(rel, data))
+    # Execute
+    with pytest.raises(ConnectionError):
+        remote.publish_owner(changed, "clinic_a")
+    monkeypatch.undo()
+    fetched = remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    # Assert: the URL still serves the first manifest, and every blob it names is there
+    assert remote.manifest_bytes("clinic_a") == before
+    assert fetched["files"] == len(blob_entries(json.loads(before), "clinic_a"))
+
+
+def test_a_folder_url_is_written_with_a_rename_so_no_reader_sees_half_a_file(outbox, tmp_path):
+    # Prepare
+    remote = RemoteExchange(f"file://{tmp_path / 'shared'}")
+    # Execute
+    remote.publish_owner(outbox["dir"], "clinic_a")
+    # Assert: the shared folder holds the owner's files and no temporary leftovers
+    shared = tmp_path / "shared" / "clinic_a"
+    assert (shared / MANIFEST).read_bytes() == (outbox["dir"] / MANIFEST).read_bytes()
+    assert not [p for p in shared.rglob("*") if ".tmp-" in p.name]
+
+
+# ---- the config ---------------------------------------------------------------------------
+@pytest.mark.parametrize("url, message", [
+    ("foo://bucket/x", r"exchange.url 'foo://bucket/x': protocol 'foo' is not one fsspec knows \(for example file, "
+                       r"memory, s3"),
+    ("a::memory://x", r"exchange.url must be a single path or URL, not a chained fsspec URL"),
+])
+def test_an_exchange_url_fsspec_cannot_open_is_a_config_error(demo_data, tmp_path, url, message):
+    # Prepare
+    config = write_config(tmp_path, demo_data)
+    raw = yaml.safe_load(config.read_text())
+    raw["exchange"] = {"url": url}
+    config.write_text(yaml.safe_dump(raw))
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message):
+        load_config(config)
+
+
+def test_a_protocol_whose_package_is_missing_names_the_package(monkeypatch):
+    # Prepare: fsspec's registry says where s3 lives; make its import fail as on a machine without s3fs
+    def missing(protocol):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", missing)
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"protocol 's3' needs a package that is not installed \(Install s3fs to "
+                                         r"access S3\)"):
+        ExchangeConfig(url="s3://bucket/run")
+
+
+def test_a_plain_folder_is_resolved_against_the_config_and_storage_options_need_a_url(demo_data, tmp_path):
+    # Prepare
+    config = write_config(tmp_path, demo_data)
+    raw = yaml.safe_load(config.read_text())
+    raw["exchange"] = {"url": "shared/exchange"}
+    config.write_text(yaml.safe_dump(raw))
+    # Execute
+    cfg, _ = load_config(config)
+    # Assert
+    assert cfg.exchange.url == str(tmp_path / "shared" / "exchange")
+    with pytest.raises(ValueError, match=r"exchange.storage_options needs exchange.url"):
+        ExchangeConfig(storage_options={"anon": True})
+
+
+# ---- end to end ---------------------------------------------------------------------------
+def test_training_through_a_shared_folder_url_matches_its_twin(prefect_harness, demo_data, tmp_path):
+    # Prepare: the shipped config, its exchange store a file:// URL outside the run directory
+    from flows.train_flow import train
+
+    config = write_config(tmp_path, demo_data, rounds=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["exchange"] = {"url": f"file://{tmp_path / 'shared'}"}
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    # Execute
+    result = train(str(config), str(run))
+    # Assert: owners published to the URL, the trainer read its mirror, and the result is the twin's
+    final = result["final"]
+    assert abs(final["test_accuracy"] - final["plaintext_twin_test_accuracy"]) <= 0.03
+    assert final["test_accuracy"] >= 0.9
+    assert result["lineage"]["exchange"] == f"file://{tmp_path / 'shared'}"
+    assert f"| exchange store | `file://{tmp_path / 'shared'}` |" in (run / "summary.md").read_text()
+    for owner in ("clinic_a", "clinic_b"):
+        shared = tmp_path / "shared" / owner / MANIFEST
+        assert shared.read_bytes() == (run / "exchange" / owner / MANIFEST).read_bytes() \
+            == (run / "outbox" / owner / MANIFEST).read_bytes()
+        assert result["lineage"]["manifest_sha256"][owner] == store.sha256_file(shared)
+    assert (tmp_path / "shared" / "public_context.bin").read_bytes() == \
+        (run / "exchange" / "public_context.bin").read_bytes()

@@ -128,9 +128,10 @@ class Learner:
         return StepResult(loss * len(y), int((self.model.loss.predict(logits) == y).sum()), len(y))
 
 
-def input_frozen_in(train_rounds: int | None, round_no: int) -> bool:
-    """Whether the input layer is frozen in `round_no`, given policy.input_train_rounds."""
-    return train_rounds is not None and round_no > train_rounds
+def input_frozen_in(train_rounds: int | None, trained_before: int) -> bool:
+    """Whether the input layer is frozen in a round, given policy.input_train_rounds and the rounds in which
+    it already trained (in this run and, for a warm start, in its ancestors)."""
+    return train_rounds is not None and trained_before >= train_rounds
 
 
 def batch_order(seed: int, round_no: int, count: int) -> np.ndarray:

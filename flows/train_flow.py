@@ -65,7 +65,8 @@ def run_round(config_path: str, run_dir: str, round_no: int, generation: int | N
     traffic = Traffic()
     hybrid, twin = build_learners(rt, round_no, traffic)
     previous = run(restore_state, rt, hybrid, twin, round_no)
-    frozen = input_frozen_in(input_train_rounds(rt.cfg), round_no)
+    trained_before = input_rounds_trained(previous, round_no)
+    frozen = input_frozen_in(input_train_rounds(rt.cfg), trained_before)
     if frozen:  # the rank limit allows no new weights for the ciphertext layer
         for learner in (hybrid, twin):
             if learner is not None:
@@ -110,8 +111,24 @@ def run_round(config_path: str, run_dir: str, round_no: int, generation: int | N
               "parent_state_sha256": previous.get("parent_state_sha256"),
               "flow_run_id": str(flow_run_id) if flow_run_id else None,
               "train_flow_run_id": flow_run.get_parent_flow_run_id() if flow_run_id else None}
-    run(write_checkpoint, rt, round_no, hybrid, twin, record, {"history": history})
+    run(write_checkpoint, rt, round_no, hybrid, twin, record,
+        {"history": history, "input_rounds_trained": trained_before + (0 if frozen else 1)})
     return row
+
+
+def input_rounds_trained(previous: dict, round_no: int) -> int:
+    """Rounds in which the ciphertext layer trained before this one, across warm-started generations.
+
+    The key holder's rank limit counts every distinct weight a sample was revealed under, in every
+    generation of the run directory; a warm start keeps counting from its parent, so a scheduled
+    retrain keeps a layer frozen that its parent froze. Checkpoints written before this count was
+    kept are counted from their history (the rows not marked input_frozen).
+    """
+    if not previous:
+        return 0
+    if "input_rounds_trained" in previous:
+        return int(previous["input_rounds_trained"])
+    return sum(1 for row in previous.get("history", []) if not row.get("input_frozen"))
 
 
 def _emit(rt: Runtime, event: str, payload: dict) -> None:

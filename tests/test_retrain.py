@@ -121,6 +121,36 @@ def test_warm_start_loads_the_parents_weights_and_optimizer_state(retrained, dem
     assert any(not np.array_equal(fresh[k], saved_v) for k, saved_v in _unprefixed("hybrid", parent.params).items())
 
 
+def test_a_warm_started_retrain_keeps_the_layer_its_ancestors_froze_and_the_rank_limit_refuses_nothing(
+        retrained, demo_data, tmp_path):
+    # Prepare: the run whose ciphertext layer trained its 4 rounds (the limit: floor(29 / 5) - 1), then a
+    # 1-round generation; a second scheduled retrain of 3 rounds follows, as a nightly schedule would run it
+    from flows import train_flow
+    from flows.checkpoint import load_checkpoint
+    from mpc_ops.policy import input_train_rounds
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(retrained["run_dir"], run_dir)
+    config = write_config(tmp_path, demo_data, rounds=3)
+    # Execute
+    third = train_flow.train(str(config), str(run_dir), retrain=True)
+    # Assert: every round of both retrains kept the layer frozen, so no sample saw new weights and the key
+    # holder refused nothing; the count of training rounds carries across generations
+    from mpc_ops.config import load_config
+
+    limit = input_train_rounds(load_config(config)[0])
+    assert limit == 4
+    gen1 = load_checkpoint(run_dir / "generations" / "gen-0001" / "checkpoints" / "round-00001")
+    assert gen1.extra["input_rounds_trained"] == limit and gen1.extra["history"][0]["input_frozen"] is True
+    assert [r["input_frozen"] for r in third["rounds"]] == [True, True, True]
+    assert third["final"]["policy_refusals"] == 0 and third["final"]["test_accuracy"] >= 0.9
+    gen2 = run_dir / "generations" / "gen-0002" / "checkpoints"
+    assert [load_checkpoint(gen2 / f"round-{r:05d}").extra["input_rounds_trained"] for r in (1, 2, 3)] == [limit] * 3
+    parent = load_checkpoint(run_dir / "generations" / "gen-0001" / "checkpoints" / "round-00001")
+    child = load_checkpoint(gen2 / "round-00003")
+    np.testing.assert_array_equal(child.params["hybrid.enc1.W"], parent.params["hybrid.enc1.W"])
+
+
 def test_every_checkpoint_and_the_run_summary_record_lineage(retrained):
     # Prepare
     from flows.checkpoint import load_checkpoint

@@ -73,6 +73,8 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
               f"{policy['mask_bound']}), never true activations | blinding |",
               *_rank_note(audit),
               "", "## Key holder decisions", "",
+              "All runs under this key so far (every generation of the run directory); this run's own "
+              f"decryptions: {final.get('decryptions_this_run', final.get('decryptions', 0))}.", "",
               f"- reveals allowed: {audit.get('allow', 0)}",
               f"- reveals refused: {audit.get('refuse', 0)} {audit.get('rules') or ''}",
               f"- decryptions used: {audit.get('decryptions_used', 0)} of budget {audit.get('budget', 0)}",

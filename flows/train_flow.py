@@ -226,7 +226,9 @@ def train(config_path: str, run_dir: str, resume: bool = False, run_name: str = 
     last = rounds[-1]
     final = {
         "test_accuracy": last["test_accuracy"], "plaintext_twin_test_accuracy": last["twin_test_accuracy"],
+        # the key's totals over every run and generation in this run directory, then this run's own
         "decryptions": audit["decryptions_used"], "policy_refusals": audit["refuse"],
+        "decryptions_this_run": sum(r.get("decryptions", 0) for r in rounds),
         "rounds": len(rounds), "stop_reason": reason,
         "mean_seconds_per_round": round(sum(r["seconds"] for r in rounds) / len(rounds), 3),
         "mean_bytes_per_round": int(sum(r["bytes_from_owners"] + r["bytes_to_key_holder"]

@@ -120,6 +120,7 @@ class RemoteExchange:
 
         Blobs first, manifest last; returns how many files and bytes were uploaded.
         """
+        self.fs.invalidate_cache()  # another process may have written since this filesystem listed anything
         data = (Path(outbox) / MANIFEST).read_bytes()
         entries = blob_entries(store.parse_json(data, f"owner '{owner}': manifest", BundleError), owner)
         previous = self.manifest_bytes(owner)
@@ -160,6 +161,7 @@ class RemoteExchange:
 
         Nothing local changes unless every blob arrived with the size and SHA-256 its manifest gives.
         """
+        self.fs.invalidate_cache()  # owners publish from other processes: sizes must not come from old listings
         data = self.manifest_bytes(owner)
         if data is None:
             raise BundleError(f"owner '{owner}': no manifest at {self.where(f'{owner}/{MANIFEST}')}; "

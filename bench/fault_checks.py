@@ -133,16 +133,21 @@ def _audit_problems(key_dir: Path, before: bytes) -> list[str]:
     return [] if after.startswith(committed) else ["audit log lost or changed entries written before the fault"]
 
 
-def exchange_problems(config: Path, run_dir: Path) -> list[str]:
+def read_whole_store(config: Path, run_dir: Path) -> None:
     """Open the exchange store as the trainer does and read every blob and label file (digest-checked)."""
     from flows.runtime import Runtime
 
+    rt = Runtime(config, run_dir)
+    for split in ("train", "test"):
+        for ref in rt.store.batches(split):
+            rt.store.load(ref)
+            rt.store.labels(ref)
+
+
+def exchange_problems(config: Path, run_dir: Path) -> list[str]:
+    """Everything wrong with the exchange store as the trainer reads it (empty when it all verifies)."""
     try:
-        rt = Runtime(config, run_dir)
-        for split in ("train", "test"):
-            for ref in rt.store.batches(split):
-                rt.store.load(ref)
-                rt.store.labels(ref)
+        read_whole_store(config, run_dir)
     except (HetrainError, OSError, ValueError) as exc:
         return [f"exchange store: {type(exc).__name__}: {exc}"]
     return []

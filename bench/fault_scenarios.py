@@ -20,7 +20,7 @@ import yaml
 from flows.checkpoint import latest_checkpoint, load_checkpoint
 from mpc_ops.errors import HetrainError
 
-from .fault_checks import check_after_resume, deep_verify, exchange_problems, infer_phase, snapshot
+from .fault_checks import check_after_resume, deep_verify, exchange_problems, infer_phase, read_whole_store, snapshot
 from .fault_env import HETRAIN, REPO, Outcome, PrefectServer, _free_port, run_hetrain
 
 
@@ -201,14 +201,8 @@ def _wrong_digest(text: str) -> str:
 def _trainer_read(config: Path, run_dir: Path) -> tuple[str, str] | None:
     """What the trainer's reader says about the exchange store: None if every manifest and blob
     verifies, else (error type, message)."""
-    from flows.runtime import Runtime
-
     try:
-        rt = Runtime(config, run_dir)
-        for split in ("train", "test"):
-            for ref in rt.store.batches(split):
-                rt.store.load(ref)
-                rt.store.labels(ref)
+        read_whole_store(config, run_dir)
     except HetrainError as exc:
         return type(exc).__name__, str(exc)
     return None

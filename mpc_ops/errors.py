@@ -64,6 +64,10 @@ class KeyHolderUnreachable(HetrainError):
     """The key-holder service did not answer (connection error, timeout or 5xx) after every retry."""
 
 
+class ExchangeUnavailable(HetrainError):
+    """The exchange store at exchange.url cannot be reached, or refuses an operation (credentials, permissions)."""
+
+
 class KeyHolderRejected(HetrainError):
     """The key-holder service refused a request outside the reveal protocol (bad token, body too large)."""
 

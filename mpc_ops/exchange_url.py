@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from . import store
 from .bundle import MAX_BLOB_BYTES, MAX_MANIFEST_BYTES
-from .errors import BundleError, DigestMismatch
+from .errors import BundleError, DigestMismatch, ExchangeUnavailable, HetrainError
 
 MANIFEST = "manifest.json"
 PUBLIC_CONTEXT = "public_context.bin"
@@ -56,7 +56,11 @@ class RemoteExchange:
         from fsspec.core import url_to_fs
 
         self.url = url.rstrip("/")
-        self.fs, self.root = url_to_fs(url, **(storage_options or {}))
+        try:
+            self.fs, self.root = url_to_fs(url, **(storage_options or {}))
+        except Exception as exc:  # an unknown storage option, a malformed URL for that protocol
+            raise ExchangeUnavailable(f"exchange store {self.url}: cannot open it with storage_options "
+                                      f"{sorted(storage_options or {})} ({type(exc).__name__}: {str(exc)[:300]})") from None
         self.root = self.root.rstrip("/")
         self.local = type(self.fs).__name__ == "LocalFileSystem"
         self.bytes_fetched = self.bytes_published = 0
@@ -69,10 +73,21 @@ class RemoteExchange:
 
     # ---- reading -------------------------------------------------------------------------------
 
+    def _do(self, what: str, fn, *args, **kwargs):
+        """One filesystem call; anything but a missing file becomes ExchangeUnavailable naming the URL."""
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, HetrainError):
+            raise
+        except Exception as exc:  # fsspec backends raise their own types (botocore, aiohttp, paramiko, …)
+            raise ExchangeUnavailable(
+                f"exchange store {self.url}: {what} failed ({type(exc).__name__}: {str(exc)[:300]}); check "
+                f"exchange.url, exchange.storage_options and the store's credentials in this environment") from None
+
     def size(self, rel: str) -> int | None:
         try:
-            return int(self.fs.size(self._path(rel)))
-        except (FileNotFoundError, OSError):
+            return int(self._do(f"size of {rel}", self.fs.size, self._path(rel)))
+        except FileNotFoundError:
             return None
 
     def read(self, rel: str, limit: int, what: str) -> bytes:
@@ -83,9 +98,9 @@ class RemoteExchange:
         if size > limit:
             raise BundleError(f"{what} {self.where(rel)} is {size} bytes; the limit is {limit} bytes")
         try:
-            data = self.fs.cat_file(self._path(rel))
-        except OSError as exc:
-            raise BundleError(f"{what} {self.where(rel)} cannot be read: {exc}") from None
+            data = self._do(f"reading {rel}", self.fs.cat_file, self._path(rel))
+        except FileNotFoundError:
+            raise BundleError(f"{what} {self.where(rel)} disappeared while it was read (is it being republished?)") from None
         if len(data) > limit:
             raise BundleError(f"{what} {self.where(rel)} grew past the limit of {limit} bytes while it was read")
         self.bytes_fetched += len(data)
@@ -101,15 +116,21 @@ class RemoteExchange:
 
     def write(self, rel: str, data: bytes) -> None:
         """Put one object whole: object stores replace atomically; a folder gets a temporary name and a rename."""
+        try:
+            self._write(rel, data)
+        except FileNotFoundError as exc:  # a folder that cannot be made there
+            raise ExchangeUnavailable(f"exchange store {self.url}: writing {rel} failed ({exc})") from None
+        self.bytes_published += len(data)
+
+    def _write(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self._do(f"writing {rel}", self.fs.makedirs, path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
             tmp = f"{path}.tmp-{os.urandom(4).hex()}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
+            self._do(f"writing {rel}", self.fs.pipe_file, tmp, data)
+            self._do(f"writing {rel}", self.fs.mv, tmp, path)
         else:
-            self.fs.pipe_file(path, data)
-        self.bytes_published += len(data)
+            self._do(f"writing {rel}", self.fs.pipe_file, path, data)
 
     def publish_public_context(self, data: bytes) -> None:
         if self.size(PUBLIC_CONTEXT) != len(data) or self.read(PUBLIC_CONTEXT, len(data), "public context") != data:
@@ -146,13 +167,13 @@ class RemoteExchange:
 
     def _remove_generations(self, owner: str, keep: set[str]) -> None:
         try:
-            listed = self.fs.ls(self._path(owner), detail=False)
+            listed = self._do(f"listing {owner}/", self.fs.ls, self._path(owner), detail=False)
         except FileNotFoundError:
             return
         for path in listed:
             name = PurePosixPath(path).name
             if name.startswith("g-") and name not in keep:
-                self.fs.rm(path, recursive=True)
+                self._do(f"removing {owner}/{name}", self.fs.rm, path, recursive=True)
 
     # ---- the trainer's mirror ------------------------------------------------------------------
 

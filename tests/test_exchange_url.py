@@ -14,7 +14,7 @@ import yaml
 from mpc_ops import store
 from mpc_ops.bundle import ExchangeStore
 from mpc_ops.config import ExchangeConfig, load_config
-from mpc_ops.errors import BundleError, ConfigError, DigestMismatch
+from mpc_ops.errors import BundleError, ConfigError, DigestMismatch, ExchangeUnavailable
 from mpc_ops.exchange_url import MANIFEST, RemoteExchange, blob_entries
 from tests.conftest import write_config
 from tests.test_data_owner import build_config, file_state, prepare_owners
@@ -363,3 +363,37 @@ def test_training_through_an_s3_bucket_matches_its_twin(prefect_harness, demo_da
         assert bucket.cat_file(f"{url[5:]}/{owner}/{MANIFEST}") == \
             (tmp_path / "run" / "exchange" / owner / MANIFEST).read_bytes()
     assert result["lineage"]["exchange"] == url
+
+
+# ---- an exchange store that cannot be reached ---------------------------------------------------
+def test_an_unreachable_object_store_is_exchange_unavailable_naming_the_url_and_the_cause(tmp_path, monkeypatch):
+    # Prepare: an S3 endpoint where nothing listens, one attempt with a short timeout
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    remote = RemoteExchange("s3://nobucket/run", {"endpoint_url": "http://127.0.0.1:9", "skip_instance_cache": True,
+                                                 "config_kwargs": {"retries": {"max_attempts": 1},
+                                                                   "connect_timeout": 2}})
+    # Execute / Assert
+    with pytest.raises(ExchangeUnavailable, match=r"exchange store s3://nobucket/run: size of clinic_a/manifest.json "
+                                                  r"failed \(EndpointConnectionError: Could not connect to the "
+                                                  r"endpoint URL.*check exchange.url, exchange.storage_options"):
+        remote.mirror_owner("clinic_a", tmp_path / "exchange")
+    assert not (tmp_path / "exchange").exists()
+
+
+def test_hetrain_train_with_an_exchange_store_it_cannot_write_stops_with_one_line(prefect_harness, demo_data,
+                                                                                    tmp_path, capsys):
+    # Prepare: a folder URL under /proc, where no folder can be made (even by root)
+    from flows.cli import main
+
+    config = write_config(tmp_path, demo_data, rounds=1)
+    raw = yaml.safe_load(config.read_text())
+    raw["exchange"] = {"url": "file:///proc/hetrain-exchange"}
+    config.write_text(yaml.safe_dump(raw))
+    # Execute
+    code = main(["train", str(config), "--run-dir", str(tmp_path / "run")])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "ExchangeUnavailable: exchange store file:///proc/hetrain-exchange: writing public_context.bin failed" in err
+    assert not any((tmp_path / "run" / "checkpoints").glob("round-*"))

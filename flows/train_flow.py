@@ -65,7 +65,7 @@ def run_round(config_path: str, run_dir: str, round_no: int, generation: int | N
     traffic = Traffic()
     hybrid, twin = build_learners(rt, round_no, traffic)
     previous = run(restore_state, rt, hybrid, twin, round_no)
-    trained_before = input_rounds_trained(previous, round_no)
+    trained_before = input_rounds_trained(previous)
     frozen = input_frozen_in(input_train_rounds(rt.cfg), trained_before)
     if frozen:  # the rank limit allows no new weights for the ciphertext layer
         for learner in (hybrid, twin):
@@ -116,7 +116,7 @@ def run_round(config_path: str, run_dir: str, round_no: int, generation: int | N
     return row
 
 
-def input_rounds_trained(previous: dict, round_no: int) -> int:
+def input_rounds_trained(previous: dict) -> int:
     """Rounds in which the ciphertext layer trained before this one, across warm-started generations.
 
     The key holder's rank limit counts every distinct weight a sample was revealed under, in every

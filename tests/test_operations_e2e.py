@@ -307,8 +307,8 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
                 table = pd.read_csv(tables["clinic_b"])
                 table.loc[0, "mean_radius"] += 0.5
                 table.to_csv(tables["clinic_b"], index=False)
-                # the scheduler only makes runs for future slots: an anchor only 3 s ahead was missed once when
-                # the loaded server's scheduler pass came later, leaving the next slot an hour away
+                # the scheduler only makes runs for future slots: 15 s leaves a loaded server's scheduler time
+                # to reach the first one (the next slot is an hour away)
                 anchor = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=15)
                 [schedule] = client.create_deployment_schedules(
                     train_dep.id, [(IntervalSchedule(interval=datetime.timedelta(hours=1), anchor_date=anchor), True)])

@@ -91,12 +91,17 @@ def _manifest(paths: RunPaths) -> tuple[Path, dict]:
 
 def owner_blob(setup: Setup, scratch: Path, make, fix_digest: bool = True) -> None:
     """The owner's first ciphertext replaced by make(original); a hostile owner also fixes the digest."""
+    _replace_file(setup, scratch, lambda manifest: data_owner.ciphertext_entries(manifest)[0], make, fix_digest)
+
+
+def _replace_file(setup: Setup, scratch: Path, pick, make, fix_digest: bool) -> None:
+    """The bundle file of entry pick(manifest) replaced by make(original); with fix_digest, the manifest too."""
     paths = scratch_run(setup, scratch)
     path, manifest = _manifest(paths)
-    entry = data_owner.ciphertext_entries(manifest)[0]
-    blob_path = paths.exchange / OWNER / entry["file"]
-    bad = make(blob_path.read_bytes())
-    blob_path.write_bytes(bad)
+    entry = pick(manifest)
+    file_path = paths.exchange / OWNER / entry["file"]
+    bad = make(file_path.read_bytes())
+    file_path.write_bytes(bad)
     if fix_digest:
         entry.update(sha256=store.sha256_bytes(bad), bytes=len(bad))
         path.write_text(json.dumps(manifest))
@@ -113,16 +118,8 @@ def manifest_edit(setup: Setup, scratch: Path, edit) -> None:
 
 
 def label_file(setup: Setup, scratch: Path, make, fix_digest: bool = True) -> None:
-    paths = scratch_run(setup, scratch)
-    path, manifest = _manifest(paths)
-    entry = manifest["labels"]["train"]
-    label_path = paths.exchange / OWNER / entry["file"]
-    bad = make(label_path.read_bytes())
-    label_path.write_bytes(bad)
-    if fix_digest:
-        entry.update(sha256=store.sha256_bytes(bad), bytes=len(bad))
-        path.write_text(json.dumps(manifest))
-    trainer_round(setup, paths)
+    """The owner's train label file replaced by make(original); a hostile owner also fixes the digest."""
+    _replace_file(setup, scratch, lambda manifest: manifest["labels"]["train"], make, fix_digest)
 
 
 def context_in_exchange(setup: Setup, scratch: Path, context: bytes) -> None:

@@ -20,6 +20,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(proc: subprocess.Popen, url: str, start: float, timeout: float, interval: float,
+                    exited) -> float | None:
+    """Poll `url` until it answers 200: the seconds since `start` (perf_counter), or None once `timeout` has
+    passed; raises exited() if `proc` ends first."""
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise exited()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            time.sleep(interval)
+    return None
+
+
 class PrefectServer:
     """`prefect server start` on a free loopback port with its own PREFECT_HOME, for every run of the harness.
 
@@ -45,17 +61,11 @@ class PrefectServer:
         self.proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
                                       str(self.port)], env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        while time.perf_counter() - start < self.timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with code {self.proc.returncode}; "
-                                   f"see {self.home}/server.log")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        self.startup_seconds = round(time.perf_counter() - start, 1)
-                        return self
-            except OSError:
-                time.sleep(0.5)
+        took = wait_for_health(self.proc, f"{self.url}/health", start, self.timeout, 0.5, lambda: RuntimeError(
+            f"prefect server exited with code {self.proc.returncode}; see {self.home}/server.log"))
+        if took is not None:
+            self.startup_seconds = round(took, 1)
+            return self
         self.__exit__(None, None, None)
         raise RuntimeError(f"prefect server on port {self.port} not healthy after {self.timeout:.0f} s")
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from flows.checkpoint import latest_checkpoint, load_checkpoint
 from mpc_ops.errors import HetrainError
 
 from .fault_checks import check_after_resume, deep_verify, exchange_problems, infer_phase, read_whole_store, snapshot
-from .fault_env import HETRAIN, REPO, Outcome, PrefectServer, _free_port, run_hetrain
+from .fault_env import HETRAIN, REPO, Outcome, PrefectServer, _free_port, run_hetrain, wait_for_health
 
 
 @dataclass
@@ -264,17 +263,12 @@ class KeyHolderService:
                 HETRAIN + ["key-holder", "serve", str(self.s.config), "--key-dir", str(self.key_dir),
                            "--port", str(self.port), "--token-file", str(self.token_file)],
                 cwd=REPO, env=self.s.server.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while time.perf_counter() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the key-holder service exited with {self.proc.returncode}: "
-                                   f"{(self.folder / 'service.log').read_text()[-1500:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as response:
-                    if response.status == 200:
-                        self.starts.append(round(time.perf_counter() - start, 2))
-                        return self
-            except OSError:
-                time.sleep(0.2)
+        took = wait_for_health(self.proc, f"{self.url}/v1/health", start, timeout, 0.2, lambda: RuntimeError(
+            f"the key-holder service exited with {self.proc.returncode}: "
+            f"{(self.folder / 'service.log').read_text()[-1500:]}"))
+        if took is not None:
+            self.starts.append(round(took, 2))
+            return self
         self.stop()
         raise RuntimeError(f"the key-holder service on port {self.port} did not answer in {timeout:.0f} s")
 

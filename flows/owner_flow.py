@@ -29,14 +29,6 @@ OWNER_TIMEOUT_SECONDS = 3600.0
 POLL_SECONDS = 1.0
 
 
-def owner_summary(manifest: dict, reused: bool) -> dict:
-    """What the run summary shows per owner: sizes and whether the bundle was reused."""
-    blobs = data_owner.ciphertext_entries(manifest)
-    return {"owner": manifest["owner"], "reused": reused, "bytes": sum(e["bytes"] for e in blobs),
-            "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
-            "n_test": manifest["splits"]["test"]["n"]}
-
-
 def owner_entry(cfg: RunConfig, owner: str, table_path: str) -> OwnerConfig:
     """The trainer's entry for `owner`, pointed at the table path the owner's deployment holds."""
     entry = next((o for o in cfg.data.owners if o.name == owner), None)
@@ -64,7 +56,7 @@ def encrypt_owner_bundle(cfg: RunConfig, owner: OwnerConfig, exchange_dir: str, 
     if cfg.exchange.url is None:
         context = Path(public_context).read_bytes()
         manifest = data_owner.prepare(cfg, owner, context, packing_plan(cfg), Path(exchange_dir))
-        return owner_summary(manifest, manifest["reused"])
+        return data_owner.bundle_summary(manifest, manifest["reused"])
     remote = RemoteExchange(cfg.exchange.url, cfg.exchange.storage_options)
     context = remote.read(PUBLIC_CONTEXT, ckks.MAX_CONTEXT_BYTES, "public context")
     outbox = Path(outbox_dir) if outbox_dir else default_outbox(cfg.exchange.url)
@@ -72,7 +64,7 @@ def encrypt_owner_bundle(cfg: RunConfig, owner: OwnerConfig, exchange_dir: str, 
     published = remote.publish_owner(outbox / owner.name, owner.name)
     get_run_logger().info("owner %s: published %d files (%d bytes) to %s", owner.name, published["files"],
                           published["bytes"], remote.where(owner.name))
-    return owner_summary(manifest, manifest["reused"])
+    return data_owner.bundle_summary(manifest, manifest["reused"])
 
 
 @flow(name="prepare-owner-bundle", flow_run_name="prepare-{owner}")
@@ -142,7 +134,7 @@ def prepare_deployed_owners(rt: Runtime, timeout: float = OWNER_TIMEOUT_SECONDS)
             raise OwnerDeploymentError(f"owner '{o.name}': deployment '{o.deployment}' completed but published no "
                                        f"manifest to {parameters['exchange_dir']}")
         manifest = json.loads(data)
-        summaries[o.name] = owner_summary(manifest, reused=before[o.name] == _digest(data))
+        summaries[o.name] = data_owner.bundle_summary(manifest, reused=before[o.name] == _digest(data))
     return summaries
 
 

@@ -62,10 +62,7 @@ def encrypt_owner_table(rt: Runtime, owner: str) -> dict:
     public = store.read_bounded(rt.paths.public_context, ckks.MAX_CONTEXT_BYTES, "public context", BundleError)
     manifest = data_owner.prepare(rt.cfg, owner_cfg, public, rt.plan, rt.owner_dir, twin_dir)
     rt.publish_owner(owner)
-    blobs = data_owner.ciphertext_entries(manifest)
-    return {"owner": owner, "reused": manifest["reused"], "bytes": sum(e["bytes"] for e in blobs),
-            "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
-            "n_test": manifest["splits"]["test"]["n"]}
+    return data_owner.bundle_summary(manifest, manifest["reused"])
 
 
 KEY_HOLDER_RETRY_DELAYS = (1.0, 2.0, 4.0)

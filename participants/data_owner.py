@@ -143,6 +143,14 @@ def _reusable(out: Path, key: str, twin_dir: Path | None, owner: str) -> dict | 
     return manifest
 
 
+def bundle_summary(manifest: dict, reused: bool) -> dict:
+    """What the run summary shows per owner: sizes and whether the bundle was reused."""
+    blobs = ciphertext_entries(manifest)
+    return {"owner": manifest["owner"], "reused": reused, "bytes": sum(e["bytes"] for e in blobs),
+            "ciphertexts": len(blobs), "n_train": manifest["splits"]["train"]["n"],
+            "n_test": manifest["splits"]["test"]["n"]}
+
+
 def ciphertext_entries(manifest: dict) -> list[dict]:
     """Every ciphertext blob entry of a manifest, in all layouts and splits."""
     return [e for s in manifest["splits"].values() for b in s["batches"]

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from mpc_ops import ckks, wire
-from mpc_ops.config import PolicyConfig
-from mpc_ops.params import CkksParams
-from mpc_ops.policy import LayerShape
-from mpc_ops.reveal import RevealRequest, _mask
-from participants.key_holder import KeyHolder
+from hetrain.mpc_ops.crypto import ckks, wire
+from hetrain.core.config import PolicyConfig
+from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.mpc_ops.reveal.protocol import RevealRequest, _mask
+from hetrain.participants.key_holder import KeyHolder
 
 
 def _median(fn, repeat: int) -> float:
@@ -31,7 +31,7 @@ def _median(fn, repeat: int) -> float:
 
 
 def measure(params: CkksParams = CkksParams(), repeat: int = 15) -> dict:
-    """Median seconds per operation, keyed like mpc_ops.planner.DEFAULT_COSTS."""
+    """Median seconds per operation, keyed like hetrain.mpc_ops.layers.planner.DEFAULT_COSTS."""
     slots = params.slots
     private = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
                          coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))

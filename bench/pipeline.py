@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from flows.runtime import Runtime, forget_key_holders
-from flows.tasks import ENGINE, encrypt_owner_table, set_up_key_holder
-from flows.train_flow import run_round
+from hetrain.runtime import Runtime, forget_key_holders
+from hetrain.tasks import ENGINE, encrypt_owner_table, set_up_key_holder
+from hetrain.train_flow import run_round
 
 REPO = Path(__file__).resolve().parent.parent
 

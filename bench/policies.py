@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from participants.demo_data import write_demo_data
+from hetrain.participants.demo_data import write_demo_data
 
-from . import pipeline
+from hetrain.bench import pipeline
 
 # The shared model per data set: every activation is a polynomial, so every policy can run it.
 MODELS = {
@@ -42,7 +42,7 @@ BUDGETS = {("breast_cancer", "strict"): 160, ("digits_vertical", "strict"): 512,
 
 
 def _config(work: Path, data: Path, base: str, policy: str, epochs: int) -> Path:
-    from .workloads import _owner_paths
+    from hetrain.bench.workloads import _owner_paths
 
     tiled = policy != "hybrid"
     return pipeline.write_config(
@@ -77,7 +77,7 @@ def run_policy(work: Path, data: Path, base: str, policy: str, epochs: int, stri
         rows = pipeline.rounds(config, run_dir, 1, epochs)
         return _row(rows, {"engine": "hybrid (rows/column, depth 1)", "prepare_seconds": round(prep["prepare_seconds"], 2),
                            "batches_per_round": None})
-    from flows.tiled_flow import train_tiled
+    from hetrain.tiled_flow import train_tiled
 
     start = time.perf_counter()
     batches = strict_batches if policy == "strict" else None
@@ -119,9 +119,9 @@ def _full_epoch_scale(work: Path, base: str, strict: dict) -> float:
     """Full-epoch batches ÷ batches the strict row ran (1 when it ran whole epochs)."""
     if not strict.get("batches_per_round"):
         return 1.0
-    from flows.runtime import Runtime
-    from mpc_ops.tiled_bundle import TiledStore
-    from flows.tiled_flow import tiling_for
+    from hetrain.runtime import Runtime
+    from hetrain.mpc_ops.exchange.tiled_bundle import TiledStore
+    from hetrain.tiled_flow import tiling_for
 
     rt = Runtime(work / f"{base}-strict.yaml", work / f"{base}-strict-run")
     full = len(TiledStore(rt.paths.exchange, rt.cfg, rt.key_id, tiling_for(rt.cfg)).batches("train"))

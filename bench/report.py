@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from mpc_ops import store
+from hetrain.core import store
 
 
 def _plots(result: dict, out: Path) -> list[Path]:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import tenseal
 
-from mpc_ops import store
-from mpc_ops.planner import DEFAULT_COSTS, choose_ckks_params
+from hetrain.core import store
+from hetrain.mpc_ops.layers.planner import DEFAULT_COSTS, choose_ckks_params
 
-from . import microbench, policies, report, workloads
+from hetrain.bench import microbench, policies, report, workloads
 
 SIZES = {
     # name: (tutorial/hetrain LR epochs, digits rounds, scaling n, scaling d, orchestration config, rounds)

@@ -20,11 +20,11 @@ def main(mode: str, config: str, run_dir: str) -> dict:
     if mode == "orchestration":  # Prefect reads its settings from the environment at import
         import os
 
-        from flows.cli import QUIET_PREFECT
+        from hetrain.cli import QUIET_PREFECT
 
         for key, value in QUIET_PREFECT.items():
             os.environ.setdefault(key, value)
-    from bench import pipeline
+    from hetrain.bench import pipeline
 
     if mode == "prepare":
         prep = pipeline.prepare(Path(config), Path(run_dir))
@@ -45,10 +45,10 @@ def main(mode: str, config: str, run_dir: str) -> dict:
 def orchestration(config: Path, run_dir: Path) -> dict:
     from prefect import flow
 
-    from bench import pipeline
-    from flows.runtime import Runtime
-    from flows.train_flow import child_flow_settings, training_round
-    from mpc_ops.jobs import JobRunner
+    from hetrain.bench import pipeline
+    from hetrain.runtime import Runtime
+    from hetrain.train_flow import child_flow_settings, training_round
+    from hetrain.mpc_ops.crypto.jobs import JobRunner
 
     rounds = Runtime(config, run_dir / "engine").cfg.train.rounds
     pipeline.prepare(config, run_dir / "engine")

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flows.runtime import Runtime, layer_shape
-from mpc_ops.planner import forward_counts, gradient_counts, plan_layer, price
-from participants.demo_data import write_demo_data
+from hetrain.runtime import Runtime, layer_shape
+from hetrain.mpc_ops.layers.planner import forward_counts, gradient_counts, plan_layer, price
+from hetrain.participants.demo_data import write_demo_data
 
-from . import pipeline
-from .tutorial_lr import run_tutorial_lr
+from hetrain.bench import pipeline
+from hetrain.bench.tutorial_lr import run_tutorial_lr
 
 
 def _epoch_floor(config: Path, run_dir: Path, costs: dict) -> tuple[float, dict]:
@@ -166,7 +166,7 @@ def scaling(work: Path, sizes: list[int], widths: list[int]) -> dict:
 
 
 def _worker(mode: str, config: Path, run_dir: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.worker", mode, str(config), str(run_dir)],
+    out = subprocess.run([sys.executable, "-m", "hetrain.bench.worker", mode, str(config), str(run_dir)],
                          capture_output=True, text=True, cwd=pipeline.REPO, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"bench worker '{mode}' for {config.name} failed:\n{out.stderr[-2000:]}")

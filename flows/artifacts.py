@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
 
-from mpc_ops import store
+from hetrain.core import store
 
 
 def artifact_key(name: str, suffix: str) -> str:

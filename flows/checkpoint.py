@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mpc_ops import npyfile, store
-from mpc_ops.errors import CheckpointError
-from mpc_ops.failpoints import failpoint
+from hetrain.core import npyfile, store
+from hetrain.core.errors import CheckpointError
+from hetrain.core.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 

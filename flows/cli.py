@@ -33,7 +33,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from participants.demo_data import write_demo_data
+    from hetrain.participants.demo_data import write_demo_data
 
     paths = write_demo_data(Path(args.out))
     print(f"wrote {len(paths)} demo tables under {Path(args.out).resolve()}:")
@@ -43,8 +43,8 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from mpc_ops.errors import HetrainError
-    from participants.audit import verify
+    from hetrain.core.errors import HetrainError
+    from hetrain.participants.audit import verify
 
     key_dir = Path(args.run_dir) / "key_holder"
     logs = [key_dir] if (key_dir / "state.json").exists() else []
@@ -63,8 +63,8 @@ def cmd_audit(args) -> int:
 
 
 def cmd_rotate_key(args) -> int:
-    from mpc_ops.errors import HetrainError
-    from participants.key_holder import KeyHolder
+    from hetrain.core.errors import HetrainError
+    from hetrain.participants.key_holder import KeyHolder
 
     try:
         retired = KeyHolder.rotate(Path(args.run_dir) / "key_holder")
@@ -77,10 +77,10 @@ def cmd_rotate_key(args) -> int:
 
 
 def cmd_key_holder(args) -> int:
-    from mpc_ops.errors import HetrainError
+    from hetrain.core.errors import HetrainError
 
     if args.action == "token":
-        from mpc_ops.token_file import create_token, read_token
+        from hetrain.mpc_ops.reveal.token_file import create_token, read_token
 
         try:
             created = create_token(args.file)
@@ -91,7 +91,7 @@ def cmd_key_holder(args) -> int:
         print(f"{'wrote a new' if created else 'kept the existing'} bearer token in {path} (mode 0600); pass it to "
               f"`hetrain key-holder serve --token-file {path}` and to the trainer as key_holder.token_file")
         return 0
-    from participants.key_holder_service import serve
+    from hetrain.participants.key_holder_service import serve
 
     try:
         return serve(args.config, args.key_dir, host=args.host, port=args.port, token_path=args.token_file,
@@ -104,32 +104,32 @@ def cmd_key_holder(args) -> int:
 def cmd_bench(args) -> int:
     _quiet_prefect(False)
     if args.faults:
-        from bench.faults import main as faults_main
+        from hetrain.bench.harness.faults import main as faults_main
 
         return faults_main(args.out)
-    from bench.runner import main as bench_main
+    from hetrain.bench.runner import main as bench_main
 
     return bench_main(args.quick, args.out, tiny=args.tiny)
 
 
 def cmd_train(args) -> int:
-    from mpc_ops.config import load_config
-    from mpc_ops.errors import HetrainError
+    from hetrain.core.config import load_config
+    from hetrain.core.errors import HetrainError
 
     try:
         cfg, _ = load_config(args.config)
         deployed = [o.name for o in cfg.data.owners if o.deployment]
         if deployed:
-            from .serve import check_api_url
+            from hetrain.serve import check_api_url
             check_api_url(f"owners {deployed} run as their own deployments, which need")
     except HetrainError as exc:
         return _fail(str(exc))
     run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
     _quiet_prefect(args.verbose)
 
-    from .artifacts import artifact_key
-    from .console import TrainProgress
-    from .train_flow import train
+    from hetrain.artifacts import artifact_key
+    from hetrain.console import TrainProgress
+    from hetrain.train_flow import train
 
     with TrainProgress(cfg.name) as bar:
         try:
@@ -166,7 +166,7 @@ def cmd_train(args) -> int:
 
 def _io_failure(exc: OSError, run_dir: Path) -> str:
     """One line for an I/O failure: what failed, and which checkpoint a --resume continues from."""
-    from .checkpoint import latest_checkpoint
+    from hetrain.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir / "checkpoints")
     where = f"the newest complete checkpoint is {latest.name}" if latest else "no round was checkpointed yet"
@@ -175,10 +175,10 @@ def _io_failure(exc: OSError, run_dir: Path) -> str:
 
 
 def cmd_serve(args) -> int:
-    from mpc_ops.config import load_config
-    from mpc_ops.errors import HetrainError
+    from hetrain.core.config import load_config
+    from hetrain.core.errors import HetrainError
 
-    from .serve import arm_stop_watchdog, check_api_url, check_cron, serve
+    from hetrain.serve import arm_stop_watchdog, check_api_url, check_cron, serve
 
     try:
         cfg, config_path = load_config(args.config)
@@ -202,9 +202,9 @@ def cmd_serve(args) -> int:
 def cmd_lineage(args) -> int:
     import json
 
-    from mpc_ops.errors import HetrainError
+    from hetrain.core.errors import HetrainError
 
-    from .lineage import chain, format_chain, newest_checkpoint
+    from hetrain.lineage import chain, format_chain, newest_checkpoint
 
     target = Path(args.run_dir)
     start = target if (target / "state.json").is_file() else newest_checkpoint(target)

@@ -1,9 +1,9 @@
-"""The CLI's progress bar, fed by flows.progress events (rich ships with Prefect)."""
+"""The CLI's progress bar, fed by hetrain.progress events (rich ships with Prefect)."""
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import progress
+from hetrain import progress
 
 
 class TrainProgress:

@@ -13,9 +13,10 @@ import tenseal as ts
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mpc_ops import ckks, store
-from mpc_ops.errors import DigestMismatch
-from mpc_ops.jobs import Job, run_jobs
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.core.errors import DigestMismatch
+from hetrain.mpc_ops.crypto.jobs import Job, run_jobs
 
 _contexts: dict[str, ts.Context] = {}
 

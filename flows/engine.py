@@ -10,12 +10,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mpc_ops.config import RunConfig
-from mpc_ops.dp import clip_rows
-from mpc_ops.optim import build_optimizer
-from mpc_ops.plain_layers import BinaryCrossEntropy, Linear, Sequential, SoftmaxCrossEntropy
-from mpc_ops.policy import cipher_layer_shapes
-from mpc_ops.polyact import activation_for
+from hetrain.core.config import RunConfig
+from hetrain.mpc_ops.reveal.dp import clip_rows
+from hetrain.mpc_ops.layers.optim import build_optimizer
+from hetrain.mpc_ops.layers.plain_layers import BinaryCrossEntropy, Linear, Sequential, SoftmaxCrossEntropy
+from hetrain.mpc_ops.reveal.policy import cipher_layer_shapes
+from hetrain.mpc_ops.layers.polyact import activation_for
 
 
 class Model:

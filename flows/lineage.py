@@ -12,11 +12,11 @@ import re
 import secrets
 from pathlib import Path
 
-from mpc_ops import store
-from mpc_ops.errors import CheckpointError
+from hetrain.core import store
+from hetrain.core.errors import CheckpointError
 
-from .checkpoint import latest_checkpoint
-from .runtime import PARENT_FILE, generation_dir
+from hetrain.checkpoint import latest_checkpoint
+from hetrain.runtime import PARENT_FILE, generation_dir
 
 _GENERATION = re.compile(r"gen-(\d{4,})")
 

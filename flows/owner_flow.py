@@ -16,14 +16,15 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from mpc_ops import ckks, store
-from mpc_ops.config import OwnerConfig, RunConfig, parse_config
-from mpc_ops.errors import ConfigError, OwnerDeploymentError
-from mpc_ops.exchange_url import PUBLIC_CONTEXT, RemoteExchange
-from participants import data_owner
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.core.config import OwnerConfig, RunConfig, parse_config
+from hetrain.core.errors import ConfigError, OwnerDeploymentError
+from hetrain.mpc_ops.exchange.remote import PUBLIC_CONTEXT, RemoteExchange
+from hetrain.participants import data_owner
 
-from .runtime import Runtime, packing_plan
-from .tasks import transient_only
+from hetrain.runtime import Runtime, packing_plan
+from hetrain.tasks import transient_only
 
 OWNER_TIMEOUT_SECONDS = 3600.0
 POLL_SECONDS = 1.0

@@ -2,7 +2,7 @@
 
 The key holder runs in-process (LocalKeyHolderClient, the default) or as its own service
 (`hetrain key-holder serve`, reached through HttpKeyHolderClient when key_holder.url is set).
-With a service, the trainer's process never imports participants.key_holder.
+With a service, the trainer's process never imports hetrain.participants.key_holder.
 
 Layout of RUN_DIR:
   key_holder/   secret context, budget state, audit log (only the key holder reads it)
@@ -24,16 +24,17 @@ from pathlib import Path
 
 import tenseal as ts
 
-from mpc_ops import ckks, store
-from mpc_ops.bundle import ExchangeStore
-from mpc_ops.config import KeyHolderConfig, RunConfig, load_config
-from mpc_ops.errors import BundleError
-from mpc_ops.exchange_url import RemoteExchange
-from mpc_ops.key_holder_client import HttpKeyHolderClient
-from mpc_ops.packing import PackingPlan
-from mpc_ops.planner import LayerShape, plan_layer
-from mpc_ops.policy import reveal_shapes
-from mpc_ops.reveal import KeyHolderClient, RevealRequest, RevealResponse
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.mpc_ops.exchange.bundle import ExchangeStore
+from hetrain.core.config import KeyHolderConfig, RunConfig, load_config
+from hetrain.core.errors import BundleError
+from hetrain.mpc_ops.exchange.remote import RemoteExchange
+from hetrain.mpc_ops.reveal.http_client import HttpKeyHolderClient
+from hetrain.mpc_ops.layers.packing import PackingPlan
+from hetrain.mpc_ops.layers.planner import LayerShape, plan_layer
+from hetrain.mpc_ops.reveal.policy import reveal_shapes
+from hetrain.mpc_ops.reveal.protocol import KeyHolderClient, RevealRequest, RevealResponse
 
 PUBLIC_CONTEXT = "public_context.bin"
 PARENT_FILE = "parent.json"
@@ -110,7 +111,7 @@ class LocalKeyHolderClient:
     _open: dict[Path, object] = {}
 
     def __init__(self, cfg: RunConfig, directory: Path):
-        from participants.key_holder import KeyHolder  # the only import of the key holder on this side
+        from hetrain.participants.key_holder import KeyHolder  # the only import of the key holder on this side
 
         directory = Path(directory).resolve()
         holder = self._open.get(directory)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from mpc_ops.errors import HetrainError
+from hetrain.core.errors import HetrainError
 
 START_SERVER = ("start one with `prefect server start` (it listens on http://127.0.0.1:4200), then "
                 "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)")
@@ -50,11 +50,11 @@ def check_api_url(needs: str = "schedules need") -> str:
 def serve(config_path: Path, run_dir: Path, name: str, cron: str, run_name: str) -> None:
     """Register the deployment `train/<name>` and run its scheduled runs until interrupted.
 
-    Each run is a retrain: a new generation of `run_dir` (see flows.lineage); at most one runs at a time.
+    Each run is a retrain: a new generation of `run_dir` (see hetrain.lineage); at most one runs at a time.
     """
     from prefect.types.entrypoint import EntrypointType
 
-    from .train_flow import train
+    from hetrain.train_flow import train
 
     _quiet_interrupted_start()
     try:

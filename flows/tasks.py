@@ -8,19 +8,20 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mpc_ops.bundle import BatchRef
-from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
-from mpc_ops import ckks, store
-from mpc_ops.errors import BundleError, CheckpointError, HetrainError
-from mpc_ops.failpoints import failpoint
-from mpc_ops.jobs import JobRunner
-from mpc_ops.reveal import RevealRequest, RevealResponse, blind, unblind
-from mpc_ops.tensors import PlainBatch
-from participants import data_owner
+from hetrain.mpc_ops.exchange.bundle import BatchRef
+from hetrain.mpc_ops.layers.cipher_layers import CipherLinear, PlainInputLinear
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.core.errors import BundleError, CheckpointError, HetrainError
+from hetrain.core.failpoints import failpoint
+from hetrain.mpc_ops.crypto.jobs import JobRunner
+from hetrain.mpc_ops.reveal.protocol import RevealRequest, RevealResponse, blind, unblind
+from hetrain.mpc_ops.crypto.tensors import PlainBatch
+from hetrain.participants import data_owner
 
-from . import checkpoint
-from .engine import LazyBatch, Learner, Model, StepResult, make_optimizer
-from .runtime import Runtime
+from hetrain import checkpoint
+from hetrain.engine import LazyBatch, Learner, Model, StepResult, make_optimizer
+from hetrain.runtime import Runtime
 
 
 # False runs every task's plain function (task.fn) with no Prefect engine around it: the
@@ -110,7 +111,7 @@ def cipher_reveal(rt: Runtime, round_no: int, traffic: Traffic):
 def job_runner(rt: Runtime):
     """Where ciphertext jobs run: worker processes of this machine, or Dask tasks (train.compute)."""
     if rt.cfg.train.compute == "dask":
-        from .dask_jobs import DaskJobRunner
+        from hetrain.dask_jobs import DaskJobRunner
 
         return DaskJobRunner(rt.paths.public_context, rt.plan.slots, rt.cfg.train.workers)
     return JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers)

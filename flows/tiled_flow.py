@@ -16,22 +16,22 @@ import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from mpc_ops import store
-from mpc_ops.circuit import CipherOps, PlainOps
-from mpc_ops.depth_plan import block_width
-from mpc_ops.policy import input_train_rounds
-from mpc_ops.reveal import blind, unblind
-from mpc_ops.tensors import EncryptedTensor
-from mpc_ops.tiled import Tiling
-from mpc_ops.tiled_bundle import TiledRef, TiledStore
-from mpc_ops.tiled_net import Inputs, Outcome, Reveal, TiledLearner, build_net, plain_reveal
-from mpc_ops.cipher_layers import weights_digest
-from participants import tiled_owner
+from hetrain.core import store
+from hetrain.mpc_ops.layers.circuit import CipherOps, PlainOps
+from hetrain.mpc_ops.layers.depth_plan import block_width
+from hetrain.mpc_ops.reveal.policy import input_train_rounds
+from hetrain.mpc_ops.reveal.protocol import blind, unblind
+from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
+from hetrain.mpc_ops.layers.tiled import Tiling
+from hetrain.mpc_ops.exchange.tiled_bundle import TiledRef, TiledStore
+from hetrain.mpc_ops.layers.tiled_net import Inputs, Outcome, Reveal, TiledLearner, build_net, plain_reveal
+from hetrain.mpc_ops.layers.cipher_layers import weights_digest
+from hetrain.participants import tiled_owner
 
-from . import artifacts, checkpoint, progress
-from .engine import Model, batch_order, make_optimizer
-from .runtime import LocalKeyHolderClient, Runtime
-from .tasks import ENGINE, Traffic, call_key_holder
+from hetrain import artifacts, checkpoint, progress
+from hetrain.engine import Model, batch_order, make_optimizer
+from hetrain.runtime import LocalKeyHolderClient, Runtime
+from hetrain.tasks import ENGINE, Traffic, call_key_holder
 
 
 def engine_on() -> bool:
@@ -302,7 +302,7 @@ def run_round_tiled(session: Session, round_no: int, max_batches: int | None = N
 
 def _fits(cfg) -> dict:
     """The polynomial activations' fits and the strict loss surrogate, with their worst error on range."""
-    from mpc_ops.polyact import fit, linear_sigmoid
+    from hetrain.mpc_ops.layers.polyact import fit, linear_sigmoid
 
     out = {}
     for i, layer in enumerate(cfg.model.layers):
@@ -324,7 +324,7 @@ def train_tiled(config_path: str, run_dir: str, max_batches: int | None = None, 
 
 
 def _train_tiled(config_path: str, run_dir: str, max_batches: int | None, engine: bool) -> dict:
-    from mpc_ops.depth_plan import circuit_depth
+    from hetrain.mpc_ops.layers.depth_plan import circuit_depth
 
     rt = Runtime(config_path, run_dir)
     rt.paths.root.mkdir(parents=True, exist_ok=True)

@@ -11,17 +11,17 @@ from prefect.events import emit_event
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from mpc_ops.errors import CheckpointError
-from mpc_ops.failpoints import failpoint
-from mpc_ops.depth_plan import uses_tiled
-from mpc_ops.policy import input_train_rounds
+from hetrain.core.errors import CheckpointError
+from hetrain.core.failpoints import failpoint
+from hetrain.mpc_ops.layers.depth_plan import uses_tiled
+from hetrain.mpc_ops.reveal.policy import input_train_rounds
 
-from . import artifacts, checkpoint, dask_jobs, lineage, progress
-from .engine import batch_order, input_frozen_in, summarise
-from .owner_flow import prepare_deployed_owners
-from .runtime import Runtime, forget_key_holders
-from .tiled_flow import train_tiled
-from .tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
+from hetrain import artifacts, checkpoint, dask_jobs, lineage, progress
+from hetrain.engine import batch_order, input_frozen_in, summarise
+from hetrain.owner_flow import prepare_deployed_owners
+from hetrain.runtime import Runtime, forget_key_holders
+from hetrain.tiled_flow import train_tiled
+from hetrain.tasks import (ENGINE, Traffic, build_learners, run, encrypt_owner_table, evaluate, restore_state, run_twin,
                     set_up_key_holder, train_batch_group, write_checkpoint)
 
 BATCHES_PER_TASK = 4

@@ -4,8 +4,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpc_ops import store
-from mpc_ops.errors import HetrainError
+from hetrain.core import store
+from hetrain.core.errors import HetrainError
 
 GENESIS = "0" * 64
 MAX_LINE_BYTES = 64 << 10  # an entry is a few hundred bytes; a refusal message at most a few KB

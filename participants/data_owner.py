@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mpc_ops import ckks, store
-from mpc_ops.bundle import MAX_MANIFEST_BYTES
-from mpc_ops.config import OwnerConfig, RunConfig
-from mpc_ops.errors import SchemaError
-from mpc_ops.failpoints import failpoint
-from mpc_ops.packing import FEATURE_CLIP, PackingPlan
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.mpc_ops.exchange.bundle import MAX_MANIFEST_BYTES
+from hetrain.core.config import OwnerConfig, RunConfig
+from hetrain.core.errors import SchemaError
+from hetrain.core.failpoints import failpoint
+from hetrain.mpc_ops.layers.packing import FEATURE_CLIP, PackingPlan
 
-from .table import Standardizer, batches, load_table, split_ids
+from hetrain.participants.table import Standardizer, batches, load_table, split_ids
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

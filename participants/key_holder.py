@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from mpc_ops import ckks, context_record, dp, flooding, store, wire
-from mpc_ops.config import PolicyConfig
-from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
-from mpc_ops.failpoints import failpoint
-from mpc_ops.params import CkksParams
-from mpc_ops.policy import LayerShape, check_reveal
-from mpc_ops.reveal import RevealRequest, RevealResponse, check_request
-from mpc_ops.reveal_ledger import LEDGER_FILE, RevealLedger
+from hetrain.mpc_ops.crypto import ckks, context_record, wire
+from hetrain.mpc_ops.reveal import dp, flooding
+from hetrain.core import store
+from hetrain.core.config import PolicyConfig
+from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
+from hetrain.core.failpoints import failpoint
+from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.mpc_ops.reveal.policy import LayerShape, check_reveal
+from hetrain.mpc_ops.reveal.protocol import RevealRequest, RevealResponse, check_request
+from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE, RevealLedger
 
 SECRET_FILE = "secret_context.bin"
 STATE_FILE = "state.json"

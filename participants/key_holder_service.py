@@ -1,4 +1,4 @@
-"""The key holder as its own process: a small versioned HTTP API around participants.key_holder.
+"""The key holder as its own process: a small versioned HTTP API around hetrain.participants.key_holder.
 
 `hetrain key-holder serve CONFIG --key-dir DIR` runs it. The service reads the policy, the layer
 shapes and the CKKS parameters from the config it was started with, never from a request, and
@@ -6,7 +6,7 @@ its process is the only one that loads the secret key.
 
   GET  /v1/health          no auth: status, key id and the body limit
   GET  /v1/public-context  the public context (bytes)
-  POST /v1/reveal          a reveal frame (mpc_ops.reveal_wire) in, a response frame out
+  POST /v1/reveal          a reveal frame (hetrain.mpc_ops.reveal.frame) in, a response frame out
   GET  /v1/audit-summary   the audit log's public counts
 
 Every other endpoint needs `Authorization: Bearer <token>`. Status codes: 401 bad or missing
@@ -31,15 +31,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from mpc_ops import reveal_wire
-from mpc_ops.config import RunConfig, load_config
-from mpc_ops.errors import BudgetExhausted, ConfigError, ForeignKeyError, FrameError, HetrainError, PolicyRefusal
-from mpc_ops.packing import next_pow2
-from mpc_ops.policy import cipher_layer_shapes, reveal_shapes
-from mpc_ops.reveal import RevealRequest
-from mpc_ops.token_file import create_token, read_token
+from hetrain.mpc_ops.reveal import frame as reveal_wire
+from hetrain.core.config import RunConfig, load_config
+from hetrain.core.errors import BudgetExhausted, ConfigError, ForeignKeyError, FrameError, HetrainError, PolicyRefusal
+from hetrain.mpc_ops.layers.packing import next_pow2
+from hetrain.mpc_ops.reveal.policy import cipher_layer_shapes, reveal_shapes
+from hetrain.mpc_ops.reveal.protocol import RevealRequest
+from hetrain.mpc_ops.reveal.token_file import create_token, read_token
 
-from .key_holder import SECRET_FILE, KeyHolder
+from hetrain.participants.key_holder import SECRET_FILE, KeyHolder
 
 log = logging.getLogger("hetrain.key_holder")
 RECENT_RESPONSES = 32  # answers kept per request_id, so a retried request is not decrypted twice

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mpc_ops.errors import AlignmentError, ConfigError, SchemaError
+from hetrain.core.errors import AlignmentError, ConfigError, SchemaError
 
 _MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null", "none"})
 _EXAMPLES = 5

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mpc_ops import ckks, store
-from mpc_ops.config import OwnerConfig, RunConfig
-from mpc_ops.packing import FEATURE_CLIP
-from mpc_ops.tiled import Tiling
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.core.config import OwnerConfig, RunConfig
+from hetrain.mpc_ops.layers.packing import FEATURE_CLIP
+from hetrain.mpc_ops.layers.tiled import Tiling
 
-from .data_owner import _npy, _write, hashed_ids
-from .table import Standardizer, load_table, split_ids
+from hetrain.participants.data_owner import _npy, _write, hashed_ids
+from hetrain.participants.table import Standardizer, load_table, split_ids
 
 MANIFEST = "manifest.json"
 

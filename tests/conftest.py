@@ -87,7 +87,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The bundled demo tables, written once per session."""
-    from participants.demo_data import write_demo_data
+    from hetrain.participants.demo_data import write_demo_data
 
     out = tmp_path_factory.mktemp("demo")
     write_demo_data(out)
@@ -97,11 +97,11 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ckks_keys(tmp_path_factory):
     """A key holder with the default parameters and a permissive demo policy, plus its public context."""
-    from mpc_ops import ckks
-    from mpc_ops.config import PolicyConfig
-    from mpc_ops.params import CkksParams
-    from mpc_ops.policy import LayerShape
-    from participants.key_holder import KeyHolder
+    from hetrain.mpc_ops.crypto import ckks
+    from hetrain.core.config import PolicyConfig
+    from hetrain.mpc_ops.crypto.params import CkksParams
+    from hetrain.mpc_ops.reveal.policy import LayerShape
+    from hetrain.participants.key_holder import KeyHolder
 
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
     holder = KeyHolder.open_or_create(tmp_path_factory.mktemp("kh") / "key_holder", CkksParams(), policy,
@@ -126,7 +126,7 @@ def write_config(tmp_path: Path, demo: Path, name: str = "breast_cancer", **trai
 def bc_run(prefect_harness, demo_data, tmp_path_factory):
     """One breast_cancer run of 4 rounds, shared by the assertions of several modules (never modified:
     tests that change a run copy it first)."""
-    from flows.train_flow import train
+    from hetrain.train_flow import train
 
     tmp = tmp_path_factory.mktemp("bc")
     config = write_config(tmp, demo_data, rounds=4)

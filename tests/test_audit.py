@@ -6,15 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from flows.cli import main
-from mpc_ops import ckks
-from mpc_ops.config import PolicyConfig
-from mpc_ops.errors import PolicyRefusal
-from mpc_ops.params import CkksParams
-from mpc_ops.policy import LayerShape
-from mpc_ops.reveal import RevealRequest
-from participants.audit import AuditError, verify
-from participants.key_holder import KeyHolder
+from hetrain.cli import main
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core.config import PolicyConfig
+from hetrain.core.errors import PolicyRefusal
+from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.mpc_ops.reveal.protocol import RevealRequest
+from hetrain.participants.audit import AuditError, verify
+from hetrain.participants.key_holder import KeyHolder
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ REQUIRED = {
 @pytest.mark.slow
 def test_tiny_benchmark_writes_well_formed_json_a_report_and_plots(tmp_path, capsys):
     # Prepare
-    from flows.cli import main
+    from hetrain.cli import main
 
     out = tmp_path / "bench.json"
     # Execute

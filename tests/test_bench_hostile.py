@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.hostile import run_bad_inputs
+from hetrain.bench.harness.hostile import run_bad_inputs
 
 
 @pytest.mark.slow

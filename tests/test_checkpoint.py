@@ -8,10 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from flows import checkpoint as ckpt
-from flows.checkpoint import cleanup_temp, latest_checkpoint, load_checkpoint, save_checkpoint
-from mpc_ops import store
-from mpc_ops.errors import CheckpointError
+from hetrain import checkpoint as ckpt
+from hetrain.checkpoint import cleanup_temp, latest_checkpoint, load_checkpoint, save_checkpoint
+from hetrain.core import store
+from hetrain.core.errors import CheckpointError
 
 
 def _state(seed: int = 0):

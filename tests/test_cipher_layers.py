@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from mpc_ops import ckks
-from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
-from mpc_ops.packing import PackingPlan
-from mpc_ops.reveal import blind, unblind
-from mpc_ops.tensors import EncryptedBatch, OwnerPart, PlainBatch
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.mpc_ops.layers.cipher_layers import CipherLinear, PlainInputLinear
+from hetrain.mpc_ops.layers.packing import PackingPlan
+from hetrain.mpc_ops.reveal.protocol import blind, unblind
+from hetrain.mpc_ops.crypto.tensors import EncryptedBatch, OwnerPart, PlainBatch
 
 H = 8  # out_features, as declared by the ckks_keys fixture (enc1: 64 -> 8)
 MASK_BOUND = 64.0
@@ -155,7 +155,7 @@ def test_backward_before_forward_is_refused(ckks_keys):
 
 def test_gain_scaling_divides_the_flooding_noise_without_leaving_the_headroom(ckks_keys):
     # Prepare: deltas as a mean loss produces them (they carry 1/n), so their L1 norm is small
-    from mpc_ops.packing import FEATURE_CLIP, gain_for
+    from hetrain.mpc_ops.layers.packing import FEATURE_CLIP, gain_for
 
     holder, public = ckks_keys
     rng = np.random.default_rng(3)

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import yaml
 
-from flows.cli import main
+from hetrain.cli import main
 from tests.conftest import write_config
 
 
@@ -61,7 +61,7 @@ def test_missing_column_fails_cleanly_without_a_checkpoint(prefect_harness, tmp_
 
 def test_tampered_ciphertext_stops_the_resumed_run_and_keeps_checkpoints(bc_run, tmp_path, demo_data, capsys):
     # Prepare: copy a finished run, ask for more rounds, flip one byte of one training blob
-    from flows.checkpoint import latest_checkpoint
+    from hetrain.checkpoint import latest_checkpoint
 
     run_dir, _ = bc_run
     copy = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_rotated_key_is_replaced_on_resume_and_owners_re_encrypt(bc_run, tmp_pat
     # Prepare: a finished 4-round run, copied, its key retired
     import json
 
-    from flows.checkpoint import latest_checkpoint, load_checkpoint
+    from hetrain.checkpoint import latest_checkpoint, load_checkpoint
 
     run_dir, _ = bc_run
     copy = tmp_path / "run"
@@ -129,7 +129,7 @@ def test_rotating_a_run_without_a_key_is_a_clear_error(tmp_path, capsys):
 
 def test_resume_with_a_changed_model_is_refused_and_keeps_checkpoints(bc_run, tmp_path, demo_data, capsys):
     # Prepare: the finished run, resumed with a wider ciphertext layer
-    from flows.checkpoint import latest_checkpoint
+    from hetrain.checkpoint import latest_checkpoint
 
     run_dir, _ = bc_run
     copy = tmp_path / "run"
@@ -169,7 +169,7 @@ def test_a_failed_run_prints_one_error_line_and_no_traceback_in_a_fresh_process(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     # Execute
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
+    out = subprocess.run([sys.executable, "-m", "hetrain.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, env=env, timeout=300)
     # Assert
     assert out.returncode == 1
@@ -190,7 +190,7 @@ def test_a_successful_run_prints_results_and_no_traceback_in_a_fresh_process(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     # Execute
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
+    out = subprocess.run([sys.executable, "-m", "hetrain.cli", "train", str(config), "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, env=env, timeout=300)
     # Assert
     assert out.returncode == 0, out.stderr[-2000:]

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mpc_ops.config import load_config, parse_config
-from mpc_ops.errors import ConfigError
+from hetrain.core.config import load_config, parse_config
+from hetrain.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import yaml
 
-from mpc_ops.config import ConfigError, parse_config
+from hetrain.core.config import ConfigError, parse_config
 from tests.conftest import REPO, write_config
 
 
@@ -26,7 +26,7 @@ def test_training_on_a_local_dask_cluster_runs_cipher_jobs_as_tasks(prefect_harn
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
-    from flows.train_flow import train
+    from hetrain.train_flow import train
 
     config = write_config(tmp_path, demo_data, rounds=2, compute="dask", workers=2)
 

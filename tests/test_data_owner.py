@@ -1,4 +1,4 @@
-"""Tests for participants.data_owner.prepare and the trainer's ExchangeStore reading its bundles."""
+"""Tests for hetrain.participants.data_owner.prepare and the trainer's ExchangeStore reading its bundles."""
 
 import hashlib
 import json
@@ -11,20 +11,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.runtime import packing_plan
-from mpc_ops import store
-from mpc_ops.bundle import BatchRef, ExchangeStore
-from mpc_ops.cipher_layers import CipherLinear, PlainInputLinear
-from mpc_ops.config import PolicyConfig, parse_config
-from mpc_ops.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError, SchemaError
-from mpc_ops.packing import PackingPlan
-from mpc_ops.params import CkksParams
-from mpc_ops.policy import LayerShape
-from mpc_ops.reveal import blind, unblind
-from mpc_ops.tensors import EncryptedBatch, PlainBatch
-from participants.data_owner import MANIFEST, hashed_ids, prepare
-from participants.key_holder import KeyHolder
-from participants.table import split_ids
+from hetrain.runtime import packing_plan
+from hetrain.core import store
+from hetrain.mpc_ops.exchange.bundle import BatchRef, ExchangeStore
+from hetrain.mpc_ops.layers.cipher_layers import CipherLinear, PlainInputLinear
+from hetrain.core.config import PolicyConfig, parse_config
+from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError, SchemaError
+from hetrain.mpc_ops.layers.packing import PackingPlan
+from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.mpc_ops.reveal.protocol import blind, unblind
+from hetrain.mpc_ops.crypto.tensors import EncryptedBatch, PlainBatch
+from hetrain.participants.data_owner import MANIFEST, hashed_ids, prepare
+from hetrain.participants.key_holder import KeyHolder
+from hetrain.participants.table import split_ids
 
 REPO = Path(__file__).resolve().parent.parent
 

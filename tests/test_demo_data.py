@@ -1,11 +1,11 @@
-"""Tests for participants.demo_data: the bundled tables load cleanly with the exported schemas."""
+"""Tests for hetrain.participants.demo_data: the bundled tables load cleanly with the exported schemas."""
 
 import pandas as pd
 import pytest
 
-from participants.demo_data import (BREAST_CANCER_FEATURES, DIGITS_FEATURES_A,
+from hetrain.participants.demo_data import (BREAST_CANCER_FEATURES, DIGITS_FEATURES_A,
                                     DIGITS_FEATURES_B, write_demo_data)
-from participants.table import align, load_table
+from hetrain.participants.table import align, load_table
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.engine import LazyBatch, Learner, Model, input_frozen_in, make_optimizer
-from mpc_ops.cipher_layers import PlainInputLinear
-from mpc_ops.config import ConfigError, load_config, parse_config
-from mpc_ops.policy import input_train_rounds
-from mpc_ops.tensors import PlainBatch
+from hetrain.engine import LazyBatch, Learner, Model, input_frozen_in, make_optimizer
+from hetrain.mpc_ops.layers.cipher_layers import PlainInputLinear
+from hetrain.core.config import ConfigError, load_config, parse_config
+from hetrain.mpc_ops.reveal.policy import input_train_rounds
+from hetrain.mpc_ops.crypto.tensors import PlainBatch
 
 from conftest import REPO
 

@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from mpc_ops import store
-from mpc_ops.bundle import ExchangeStore
-from mpc_ops.config import ExchangeConfig, load_config
-from mpc_ops.errors import BundleError, ConfigError, DigestMismatch, ExchangeUnavailable
-from mpc_ops.exchange_url import MANIFEST, RemoteExchange, blob_entries
+from hetrain.core import store
+from hetrain.mpc_ops.exchange.bundle import ExchangeStore
+from hetrain.core.config import ExchangeConfig, load_config
+from hetrain.core.errors import BundleError, ConfigError, DigestMismatch, ExchangeUnavailable
+from hetrain.mpc_ops.exchange.remote import MANIFEST, RemoteExchange, blob_entries
 from tests.conftest import write_config
 from tests.test_data_owner import build_config, file_state, prepare_owners
 
-from flows.runtime import packing_plan
+from hetrain.runtime import packing_plan
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_a_plain_folder_is_resolved_against_the_config_and_storage_options_need_
 # ---- end to end ---------------------------------------------------------------------------
 def test_training_through_a_shared_folder_url_matches_its_twin(prefect_harness, demo_data, tmp_path):
     # Prepare: the shipped config, its exchange store a file:// URL outside the run directory
-    from flows.train_flow import train
+    from hetrain.train_flow import train
 
     config = write_config(tmp_path, demo_data, rounds=2)
     raw = yaml.safe_load(config.read_text())
@@ -345,7 +345,7 @@ def test_an_s3_bucket_serves_as_the_exchange_store_and_another_party_tampering_i
 
 def test_training_through_an_s3_bucket_matches_its_twin(prefect_harness, demo_data, s3_endpoint, tmp_path):
     # Prepare: the shipped config with its exchange store in a bucket
-    from flows.train_flow import train
+    from hetrain.train_flow import train
 
     url = f"s3://hetrain-exchange/{uuid.uuid4().hex[:8]}"
     config = write_config(tmp_path, demo_data, rounds=2)
@@ -384,7 +384,7 @@ def test_an_unreachable_object_store_is_exchange_unavailable_naming_the_url_and_
 def test_hetrain_train_with_an_exchange_store_it_cannot_write_stops_with_one_line(prefect_harness, demo_data,
                                                                                     tmp_path, capsys):
     # Prepare: a folder URL under /proc, where no folder can be made (even by root)
-    from flows.cli import main
+    from hetrain.cli import main
 
     config = write_config(tmp_path, demo_data, rounds=1)
     raw = yaml.safe_load(config.read_text())

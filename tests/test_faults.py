@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mpc_ops import failpoints, store
-from mpc_ops.errors import ConfigError
+from hetrain.core import failpoints, store
+from hetrain.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_a_bad_spec_is_refused_naming_the_entry_and_what_is_allowed(armed, spec,
 
 def test_kill_sends_sigkill_to_its_own_process_on_the_named_hit():
     # Prepare
-    code = ("from mpc_ops.failpoints import failpoint\n"
+    code = ("from hetrain.core.failpoints import failpoint\n"
             "for i in range(3):\n    failpoint('train.after_round')\n    print('hit', i + 1, flush=True)\n")
     env = {**os.environ, failpoints.ENV: "train.after_round=kill@2"}
     # Execute
@@ -138,9 +138,9 @@ def test_a_failed_atomic_write_names_its_file_and_leaves_no_temporary(tmp_path, 
 
 def test_missing_hostile_catalogue_gives_null_figures_and_a_note(tmp_path, monkeypatch):
     # Prepare: as on a branch without bench/hostile.py
-    from bench import faults
+    from hetrain.bench.harness import faults
 
-    monkeypatch.setitem(sys.modules, "bench.hostile", None)
+    monkeypatch.setitem(sys.modules, "hetrain.bench.harness.hostile", None)
     # Execute
     result = faults.hostile_inputs(tmp_path, 0)
     # Assert
@@ -150,7 +150,7 @@ def test_missing_hostile_catalogue_gives_null_figures_and_a_note(tmp_path, monke
 
 def test_a_placeholder_fault_is_reported_as_not_run_and_not_counted():
     # Prepare: a fault the machine cannot inject (a tmpfs needs root)
-    from bench import fault_report, faults
+    from hetrain.bench.harness import fault_report, faults
 
     done = {"name": "kill-01", "kind": "sigkill", "kill_point": "x=kill@1", "injected": True, "counted": True,
             "recovered": True, "data_loss": False, "torn_checkpoints_read": 0, "segfaults": 0}
@@ -180,8 +180,8 @@ def test_a_placeholder_fault_is_reported_as_not_run_and_not_counted():
 @pytest.fixture(scope="module")
 def fault_setup(tmp_path_factory):
     """One `prefect server`, the demo data, and an uninterrupted 2-round reference run (and it one round on)."""
-    from bench import faults
-    from bench.fault_env import PrefectServer
+    from hetrain.bench.harness import faults
+    from hetrain.bench.harness.fault_env import PrefectServer
 
     work = tmp_path_factory.mktemp("faults")
     with PrefectServer(work / "prefect-home") as server:
@@ -191,7 +191,7 @@ def fault_setup(tmp_path_factory):
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_resumes_from_the_intact_previous_one(fault_setup):
     # Prepare / Execute: round 2's checkpoint is complete under its temporary name when the process dies
-    from bench import fault_scenarios as sc
+    from hetrain.bench.harness import fault_scenarios as sc
 
     record = sc.sigkill(fault_setup, "kill-before-rename", failpoints="checkpoint.before_rename=kill@2")
     # Assert
@@ -205,7 +205,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_intact_previous_one(fau
 @pytest.mark.slow
 def test_full_disk_during_a_checkpoint_fails_cleanly_keeps_the_previous_one_and_resumes(fault_setup):
     # Prepare / Execute
-    from bench import fault_scenarios as sc
+    from hetrain.bench.harness import fault_scenarios as sc
 
     record = sc.enospc_failpoint(fault_setup, "enospc")
     # Assert
@@ -219,7 +219,7 @@ def test_full_disk_during_a_checkpoint_fails_cleanly_keeps_the_previous_one_and_
 @pytest.mark.slow
 def test_manifest_with_a_wrong_digest_is_refused_by_name_and_nothing_written_is_lost(fault_setup):
     # Prepare / Execute
-    from bench import fault_scenarios as sc
+    from hetrain.bench.harness import fault_scenarios as sc
 
     record = sc.corrupt_manifest(fault_setup, "manifest-wrong-sha", "wrong sha256")
     # Assert: the trainer refuses it by name, so does the CLI (one line), and after the owner
@@ -233,7 +233,7 @@ def test_manifest_with_a_wrong_digest_is_refused_by_name_and_nothing_written_is_
 @pytest.mark.slow
 def test_killed_key_holder_service_stops_the_trainer_cleanly_and_the_run_resumes_once_it_is_back(fault_setup):
     # Prepare / Execute: the service is SIGKILLed right after round 1's checkpoint
-    from bench import fault_scenarios as sc
+    from hetrain.bench.harness import fault_scenarios as sc
 
     record = sc.unreachable_key_holder(fault_setup, "unreachable", delay=0.0, after_round=1)
     # Assert: retries used up, one error line naming the resume, no traceback; nothing lost; resumed

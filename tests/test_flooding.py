@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from mpc_ops import ckks, flooding, packing
-from mpc_ops.params import CkksParams
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.mpc_ops.reveal import flooding
+from hetrain.mpc_ops.layers import packing
+from hetrain.mpc_ops.crypto.params import CkksParams
 
 PARAMS = CkksParams()  # N=8192, [60, 50, 60], scale 2^50: what the key holder and the configs use
 

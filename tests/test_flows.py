@@ -65,7 +65,7 @@ def test_secret_key_lives_only_under_key_holder(bc_run):
 
 def test_trainer_runtime_holds_only_a_public_context(bc_run, demo_data, tmp_path):
     # Prepare
-    from flows.runtime import Runtime
+    from hetrain.runtime import Runtime
 
     run_dir, _ = bc_run
     config = write_config(tmp_path, demo_data, rounds=4)
@@ -78,7 +78,7 @@ def test_trainer_runtime_holds_only_a_public_context(bc_run, demo_data, tmp_path
 
 def test_checkpoints_record_lineage(bc_run):
     # Prepare
-    from flows.checkpoint import latest_checkpoint, load_checkpoint
+    from hetrain.checkpoint import latest_checkpoint, load_checkpoint
 
     run_dir, _ = bc_run
     # Execute
@@ -92,8 +92,8 @@ def test_checkpoints_record_lineage(bc_run):
 
 def test_rerun_without_resume_is_refused_and_keeps_checkpoints(bc_run, demo_data, tmp_path):
     # Prepare
-    from flows.train_flow import train
-    from mpc_ops.errors import CheckpointError
+    from hetrain.train_flow import train
+    from hetrain.core.errors import CheckpointError
 
     run_dir, _ = bc_run
     config = write_config(tmp_path, demo_data, rounds=4)
@@ -107,9 +107,9 @@ def test_rerun_without_resume_is_refused_and_keeps_checkpoints(bc_run, demo_data
 def test_run_resumed_after_a_crash_completes_like_an_uninterrupted_one(prefect_harness, demo_data, tmp_path,
                                                                         monkeypatch):
     # Prepare: crash inside round 3, after rounds 1 and 2 were checkpointed
-    from flows import engine
-    from flows.checkpoint import latest_checkpoint, load_checkpoint
-    from flows.train_flow import train
+    from hetrain import engine
+    from hetrain.checkpoint import latest_checkpoint, load_checkpoint
+    from hetrain.train_flow import train
 
     config = write_config(tmp_path, demo_data, rounds=3)
     real_step, calls = engine.Learner.train_batch, {"n": 0}
@@ -146,8 +146,8 @@ def test_rounds_past_the_rank_limit_freeze_the_cipher_layer_and_run_in_plaintext
     import json
     import shutil
 
-    from flows.checkpoint import load_checkpoint
-    from flows.train_flow import train
+    from hetrain.checkpoint import load_checkpoint
+    from hetrain.train_flow import train
 
     run_dir, _ = bc_run
     shutil.copytree(run_dir, tmp_path / "run")
@@ -177,9 +177,9 @@ def test_rounds_past_the_rank_limit_freeze_the_cipher_layer_and_run_in_plaintext
 
 def test_dp_run_reports_the_epsilon_spent(prefect_harness, demo_data, tmp_path):
     # Prepare: DP noise on the enc1 gradients, 2 rounds
-    from flows.train_flow import train
-    from mpc_ops import dp
-    from mpc_ops.config import DpConfig
+    from hetrain.train_flow import train
+    from hetrain.mpc_ops.reveal import dp
+    from hetrain.core.config import DpConfig
 
     config = write_config(tmp_path, demo_data, rounds=2)
     raw = yaml.safe_load(config.read_text())

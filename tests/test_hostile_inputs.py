@@ -21,15 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench import hostile_cases as hc
-from bench import hostile_mutate as mutate
-from bench.hostile_setup import OWNER, REVEALED, build_setup
-from bench.hostile_worker import serve
-from mpc_ops import ckks, store
-from mpc_ops.bundle import BatchRef, ExchangeStore
-from mpc_ops.config import load_config
-from mpc_ops.errors import HetrainError
-from participants import audit
+from hetrain.bench.harness import hostile_cases as hc
+from hetrain.bench.harness import hostile_mutate as mutate
+from hetrain.bench.harness.hostile_setup import OWNER, REVEALED, build_setup
+from hetrain.bench.harness.hostile_worker import serve
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.core import store
+from hetrain.mpc_ops.exchange.bundle import BatchRef, ExchangeStore
+from hetrain.core.config import load_config
+from hetrain.core.errors import HetrainError
+from hetrain.participants import audit
 
 # The unit suite runs 60 fixed examples per loader; HETRAIN_FUZZ_EXAMPLES=2000 runs a longer, random campaign.
 CAMPAIGN = os.environ.get("HETRAIN_FUZZ_EXAMPLES")

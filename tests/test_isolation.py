@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from mpc_ops import ckks, isolation
-from mpc_ops.errors import BundleError, IsolatedLoadError
-from mpc_ops.params import CkksParams
+from hetrain.mpc_ops.crypto import ckks, isolation
+from hetrain.core.errors import BundleError, IsolatedLoadError
+from hetrain.mpc_ops.crypto.params import CkksParams
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from mpc_ops import ckks, wire
-from mpc_ops.config import PolicyConfig
-from mpc_ops.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
-from mpc_ops.params import CkksParams
-from mpc_ops.policy import LayerShape
-from mpc_ops.reveal import RevealRequest
-from participants.key_holder import AUDIT_FILE, STATE_FILE, KeyHolder
+from hetrain.mpc_ops.crypto import ckks, wire
+from hetrain.core.config import PolicyConfig
+from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
+from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.mpc_ops.reveal.protocol import RevealRequest
+from hetrain.participants.key_holder import AUDIT_FILE, STATE_FILE, KeyHolder
 
 REPO = Path(__file__).resolve().parent.parent
 SLOTS = CkksParams().slots
@@ -366,7 +366,7 @@ def test_reopening_the_directory_keeps_the_key_and_the_decryptions_used(tmp_path
 def test_entry_appended_but_not_recorded_before_a_crash_is_adopted_and_the_chain_still_verifies(tmp_path):
     # Prepare: a process killed between the audit append and the state.json write (what the
     # failpoint keyholder.after_audit_append does in `hetrain bench --faults`)
-    from participants.audit import verify
+    from hetrain.participants.audit import verify
 
     directory = tmp_path / "kh"
     holder, public = make_holder(directory)
@@ -388,7 +388,7 @@ def test_entry_appended_but_not_recorded_before_a_crash_is_adopted_and_the_chain
 
 def test_torn_last_audit_line_is_cut_off_on_reopen_and_the_next_entry_chains_on(tmp_path):
     # Prepare: a half-written line after the recorded head (a write cut short)
-    from participants.audit import verify
+    from hetrain.participants.audit import verify
 
     directory = tmp_path / "kh"
     holder, public = make_holder(directory)
@@ -407,7 +407,7 @@ def test_torn_last_audit_line_is_cut_off_on_reopen_and_the_next_entry_chains_on(
 
 def test_key_creation_interrupted_after_its_first_file_leaves_a_directory_that_reopens(tmp_path, monkeypatch):
     # Prepare: the second of the two files a new key writes fails (a crash or a full disk there)
-    from mpc_ops import store
+    from hetrain.core import store
 
     directory, real, calls = tmp_path / "kh", store.write_bytes, []
 

@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 import yaml
 
-from mpc_ops import ckks, reveal_wire
-from mpc_ops.config import load_config
-from mpc_ops.errors import (BudgetExhausted, BundleError, ForeignKeyError, FrameError, KeyHolderRejected,
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.mpc_ops.reveal import frame as reveal_wire
+from hetrain.core.config import load_config
+from hetrain.core.errors import (BudgetExhausted, BundleError, ForeignKeyError, FrameError, KeyHolderRejected,
                             KeyHolderUnreachable, PolicyRefusal)
-from mpc_ops.key_holder_client import HttpKeyHolderClient
-from mpc_ops.policy import cipher_layer_shapes
-from mpc_ops.reveal import blind, unblind
-from mpc_ops.tensors import EncryptedTensor
-from mpc_ops.token_file import read_token
+from hetrain.mpc_ops.reveal.http_client import HttpKeyHolderClient
+from hetrain.mpc_ops.reveal.policy import cipher_layer_shapes
+from hetrain.mpc_ops.reveal.protocol import blind, unblind
+from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
+from hetrain.mpc_ops.reveal.token_file import read_token
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def running_service(config: Path, folder: Path, *extra: str, scheme: str = "http
     service = Service(f"{scheme}://127.0.0.1:{port}", folder / "kh.token", folder / "key_holder", log, config, verify)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "key-holder", "serve", str(config), "--key-dir", str(service.key_dir),
+            [sys.executable, "-m", "hetrain.cli", "key-holder", "serve", str(config), "--key-dir", str(service.key_dir),
              "--port", str(port), "--token-file", str(service.token_file), *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -115,7 +116,7 @@ def public(service):
 
 def in_process_copy(service: Service, folder: Path):
     """The in-process key holder on a copy of the service's key directory (same key, its own budget and log)."""
-    from participants.key_holder import KeyHolder
+    from hetrain.participants.key_holder import KeyHolder
 
     cfg, _ = load_config(service.config)
     copy = folder / "key_holder_copy"
@@ -379,7 +380,7 @@ def test_budget_exhausted_is_403_and_the_service_keeps_serving(tmp_path, demo_da
 
 def test_token_command_writes_a_token_once_and_says_where(tmp_path, capsys):
     # Prepare
-    from flows.cli import main
+    from hetrain.cli import main
 
     path = tmp_path / "kh.token"
 
@@ -402,7 +403,7 @@ def test_token_command_writes_a_token_once_and_says_where(tmp_path, capsys):
 ], ids=["cert-without-key", "client-ca-without-cert", "zero-body", "port"])
 def test_serve_refuses_inconsistent_options_before_touching_the_key(tmp_path, capsys, args, message):
     # Prepare
-    from flows.cli import main
+    from hetrain.cli import main
 
     # Execute
     code = main(["key-holder", "serve", "missing.yaml", "--key-dir", str(tmp_path / "kh"), *args])
@@ -538,12 +539,12 @@ def trainer_config(service: Service, folder: Path, demo: Path, rounds: int) -> P
 TRAINER_ROUND = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from bench.pipeline import prepare, rounds
+    from hetrain.bench.pipeline import prepare, rounds
     config, run = Path(sys.argv[1]), Path(sys.argv[2])
     start = time.perf_counter()
     prepare(config, run)
     row = rounds(config, run, 1, 1)[0]
-    print(json.dumps({"key_holder_imported": "participants.key_holder" in sys.modules,
+    print(json.dumps({"key_holder_imported": "hetrain.participants.key_holder" in sys.modules,
                       "test_accuracy": row["test_accuracy"], "decryptions": row["decryptions"],
                       "reveals": row["reveals"], "seconds": time.perf_counter() - start}))
 """)
@@ -575,8 +576,8 @@ def test_hetrain_train_with_key_holder_url_runs_end_to_end_in_a_fresh_process(se
     config = trainer_config(service, tmp_path, demo_data, rounds=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    script = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
-              "print('key holder imported:', 'participants.key_holder' in sys.modules); sys.exit(code)")
+    script = ("import sys; from hetrain.cli import main; code = main(sys.argv[1:]); "
+              "print('key holder imported:', 'hetrain.participants.key_holder' in sys.modules); sys.exit(code)")
 
     # Execute
     start = time.perf_counter()
@@ -598,8 +599,8 @@ def test_hetrain_train_with_key_holder_url_runs_end_to_end_in_a_fresh_process(se
 
 def test_training_stopped_by_an_unreachable_service_resumes_once_it_is_back(tmp_path, demo_data):
     # Prepare: round 1 against the service, then the service goes away
-    from bench.pipeline import prepare, rounds
-    from flows.runtime import forget_key_holders
+    from hetrain.bench.pipeline import prepare, rounds
+    from hetrain.runtime import forget_key_holders
 
     config, run = service_config(tmp_path, demo_data), tmp_path / "run"
     with running_service(config, tmp_path) as first:

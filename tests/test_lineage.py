@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from flows.checkpoint import save_checkpoint
-from flows.lineage import checkpoint_digest, generations, newest_checkpoint, open_generation
-from flows.runtime import generation_dir
+from hetrain.checkpoint import save_checkpoint
+from hetrain.lineage import checkpoint_digest, generations, newest_checkpoint, open_generation
+from hetrain.runtime import generation_dir
 
 
 def _checkpoint(folder, round_no: int):
@@ -71,7 +71,7 @@ def test_resume_continues_the_newest_generation_with_the_parent_it_started_from(
 
 def test_a_generation_made_meanwhile_by_another_run_is_not_overwritten(tmp_path, monkeypatch):
     # Prepare: another run creates generation 1 between our listing and our rename
-    from flows import lineage
+    from hetrain import lineage
 
     monkeypatch.setattr(lineage, "generations", lambda root: [])
     other = generation_dir(tmp_path, 1)

@@ -35,7 +35,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mpc_ops.context_record import RECORD_DIR_ENV, ROLE_ENV, read_records
+from hetrain.mpc_ops.crypto.context_record import RECORD_DIR_ENV, ROLE_ENV, read_records
 from tests.prefect_server import (
     BIN,
     REPO,
@@ -196,7 +196,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from participants.demo_data import write_demo_data
+    from hetrain.participants.demo_data import write_demo_data
 
     # ---- Prepare: the owners' tables (temp copies), a 2-round config, the folders each party gets ----
     started_at = time.monotonic()
@@ -407,7 +407,7 @@ def test_operations_end_to_end_on_a_real_server(tmp_path):
 
 def test_context_record_writes_one_line_per_load_with_role_and_privacy(ckks_keys, tmp_path, monkeypatch):
     # Prepare
-    from mpc_ops import ckks
+    from hetrain.mpc_ops.crypto import ckks
 
     holder, _ = ckks_keys
     monkeypatch.setenv(RECORD_DIR_ENV, str(tmp_path / "rec"))
@@ -426,10 +426,10 @@ def test_context_record_writes_one_line_per_load_with_role_and_privacy(ckks_keys
 
 def test_context_record_is_off_without_the_variable_and_records_the_key_holders_own_load(tmp_path, monkeypatch):
     # Prepare
-    from mpc_ops.config import PolicyConfig
-    from mpc_ops.params import CkksParams
-    from mpc_ops.policy import LayerShape
-    from participants.key_holder import KeyHolder
+    from hetrain.core.config import PolicyConfig
+    from hetrain.mpc_ops.crypto.params import CkksParams
+    from hetrain.mpc_ops.reveal.policy import LayerShape
+    from hetrain.participants.key_holder import KeyHolder
 
     policy, shapes = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32), {"enc1": LayerShape(64, 8)}
     monkeypatch.delenv(RECORD_DIR_ENV, raising=False)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mpc_ops.optim import SGD, Adam, build_optimizer
-from mpc_ops.plain_layers import BinaryCrossEntropy, Linear, Sequential, Tanh
+from hetrain.mpc_ops.layers.optim import SGD, Adam, build_optimizer
+from hetrain.mpc_ops.layers.plain_layers import BinaryCrossEntropy, Linear, Sequential, Tanh
 
 
 def test_sgd_without_momentum_steps_against_the_gradient():

@@ -21,7 +21,7 @@ def deployed_config(tmp_path: Path, **train) -> Path:
 def fake_deployments(monkeypatch, tables: dict[str, dict]) -> list:
     """Stand in for the owners' workers: run_deployment runs the owner's flow here, with the
     deployment's own parameters (owner, table_path) merged under the trainer's, as Prefect does."""
-    from flows import owner_flow
+    from hetrain import owner_flow
 
     calls = []
 
@@ -37,7 +37,7 @@ def fake_deployments(monkeypatch, tables: dict[str, dict]) -> list:
 def test_training_with_deployed_owners_passes_no_raw_path_and_uses_their_bundles(prefect_harness, demo_data,
                                                                                 tmp_path, monkeypatch):
     # Prepare
-    from flows.train_flow import train
+    from hetrain.train_flow import train
 
     config = deployed_config(tmp_path, rounds=1)
     tables = {f"prepare-owner-bundle/clinic-{c}": {"owner": f"clinic_{c}",
@@ -67,9 +67,9 @@ def test_a_failed_owner_deployment_names_the_owner_and_its_state(prefect_harness
     # Prepare: clinic_b's deployment points at a table that lacks a declared column
     import pandas as pd
 
-    from flows.owner_flow import prepare_deployed_owners
-    from flows.runtime import Runtime
-    from mpc_ops.errors import OwnerDeploymentError
+    from hetrain.owner_flow import prepare_deployed_owners
+    from hetrain.runtime import Runtime
+    from hetrain.core.errors import OwnerDeploymentError
 
     bad = tmp_path / "clinic_b.csv"
     pd.read_csv(demo_data / "breast_cancer" / "clinic_b.csv").drop(columns=["mean_area"]).to_csv(bad, index=False)
@@ -89,9 +89,9 @@ def test_a_failed_owner_deployment_names_the_owner_and_its_state(prefect_harness
 
 def test_a_missing_owner_deployment_says_to_deploy(prefect_harness, tmp_path):
     # Prepare: the harness's server has no deployments at all
-    from flows.owner_flow import prepare_deployed_owners
-    from flows.runtime import Runtime
-    from mpc_ops.errors import OwnerDeploymentError
+    from hetrain.owner_flow import prepare_deployed_owners
+    from hetrain.runtime import Runtime
+    from hetrain.core.errors import OwnerDeploymentError
 
     rt = Runtime(deployed_config(tmp_path), tmp_path / "run")
     # Execute / Assert

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mpc_ops.errors import ConfigError
-from mpc_ops.packing import PackingPlan, next_pow2
+from hetrain.core.errors import ConfigError
+from hetrain.mpc_ops.layers.packing import PackingPlan, next_pow2
 
 SLOTS = 64  # small plans keep the expected layouts readable; the maths is the same at 4096
 

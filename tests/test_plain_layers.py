@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpc_ops.plain_layers import (
+from hetrain.mpc_ops.layers.plain_layers import (
     BinaryCrossEntropy, Linear, ReLU, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh, build_activation,
 )
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from mpc_ops import ckks
-from mpc_ops.cipher_layers import CipherLinear
-from mpc_ops.packing import PackingPlan
-from mpc_ops.planner import DEFAULT_COSTS, LayerShape, forward_counts, gradient_counts, plan_layer, price
-from mpc_ops.reveal import blind, unblind
-from mpc_ops.tensors import EncryptedBatch, OwnerPart
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.mpc_ops.layers.cipher_layers import CipherLinear
+from hetrain.mpc_ops.layers.packing import PackingPlan
+from hetrain.mpc_ops.layers.planner import DEFAULT_COSTS, LayerShape, forward_counts, gradient_counts, plan_layer, price
+from hetrain.mpc_ops.reveal.protocol import blind, unblind
+from hetrain.mpc_ops.crypto.tensors import EncryptedBatch, OwnerPart
 
 
 def test_rows_forward_needs_one_product_and_log2_seg_rotations_per_chunk_and_output():
@@ -91,7 +91,7 @@ def test_column_forward_matches_x_times_w_within_the_flooding_tolerance(ckks_key
 
 def test_jobs_split_across_two_worker_processes_give_byte_identical_ciphertexts(ckks_keys):
     # Prepare: a rows-layout forward's jobs (8 outputs × 1 chunk) on a real encrypted batch
-    from mpc_ops.jobs import JobRunner
+    from hetrain.mpc_ops.crypto.jobs import JobRunner
 
     holder, public = ckks_keys
     plan = PackingPlan.for_features([30], holder.params.slots)
@@ -108,7 +108,7 @@ def test_jobs_split_across_two_worker_processes_give_byte_identical_ciphertexts(
 
 def test_parameter_chooser_picks_the_smallest_ring_whose_flooding_noise_trains():
     # Prepare
-    from mpc_ops.planner import choose_ckks_params
+    from hetrain.mpc_ops.layers.planner import choose_ckks_params
 
     # Execute
     rows = choose_ckks_params(security_bits=30, budget=65536, max_sigma=0.5)

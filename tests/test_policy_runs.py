@@ -29,8 +29,8 @@ def config(tmp: Path, demo: Path, name: str, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def encrypted_label_run(prefect_harness, demo_data, tmp_path_factory):
     """A breast_cancer run with labels: encrypted and no plaintext twin, with every label reader watched."""
-    from flows.train_flow import train
-    from mpc_ops import bundle, tiled_bundle
+    from hetrain.train_flow import train
+    from hetrain.mpc_ops.exchange import bundle, tiled_bundle
 
     tmp = tmp_path_factory.mktemp("enc_labels")
     path = config(tmp, demo_data, "breast_cancer_encrypted_labels", train={"rounds": 8}, report={"plaintext_twin": False})
@@ -90,7 +90,7 @@ def test_encrypted_label_run_never_holds_a_plaintext_label_in_the_trainer(encryp
 @pytest.mark.slow
 def test_strict_run_trains_breast_cancer_revealing_only_aggregated_gradients(prefect_harness, demo_data, tmp_path,
                                                                              capsys):
-    from flows.cli import main
+    from hetrain.cli import main
 
     path = config(tmp_path, demo_data, "breast_cancer_strict", train={"rounds": 4})
     code = main(["train", str(path), "--run-dir", str(tmp_path / "run")])  # as a user runs it

@@ -37,7 +37,7 @@ def test_train_deployments_are_scheduled_with_a_concurrency_limit_of_one_on_the_
     # Execute / Assert
     for name, config in (("breast-cancer", "configs/breast_cancer.yaml"), ("digits-vertical", "configs/digits_vertical.yaml")):
         d = deployments[name]
-        assert d["entrypoint"] == "flows.train_flow:train"
+        assert d["entrypoint"] == "hetrain.train_flow:train"
         assert d["work_pool"]["name"] == "hetrain-local"
         assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
         (schedule,) = d["schedules"]
@@ -53,10 +53,10 @@ def test_train_deployments_are_scheduled_with_a_concurrency_limit_of_one_on_the_
 
 def test_deployment_parameters_match_the_flows_signatures(project):
     # Prepare
-    from flows.owner_flow import prepare_owner_bundle
-    from flows.train_flow import train
+    from hetrain.owner_flow import prepare_owner_bundle
+    from hetrain.train_flow import train
 
-    flows = {"flows.train_flow:train": train, "flows.owner_flow:prepare_owner_bundle": prepare_owner_bundle}
+    flows = {"hetrain.train_flow:train": train, "hetrain.owner_flow:prepare_owner_bundle": prepare_owner_bundle}
     # Execute / Assert
     for d in project["deployments"]:
         flow = flows[d["entrypoint"]]
@@ -66,7 +66,7 @@ def test_deployment_parameters_match_the_flows_signatures(project):
 
 def test_owner_deployments_run_on_their_own_pools_and_hold_their_table_path(project):
     # Prepare
-    from mpc_ops.config import load_config
+    from hetrain.core.config import load_config
 
     deployments = _by_name(project)
     cfg, _ = load_config(REPO / "configs" / "breast_cancer_deployed.yaml")

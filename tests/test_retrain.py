@@ -23,7 +23,7 @@ def _owner_files(run_dir) -> dict[str, dict[str, int]]:
 @pytest.fixture(scope="module")
 def retrained(bc_run, demo_data, tmp_path_factory):
     """The session's 4-round run (copied), then clinic_b's table changes and a 1-round retrain warm-starts."""
-    from flows import train_flow
+    from hetrain import train_flow
 
     tmp = tmp_path_factory.mktemp("retrain")
     tables = tmp / "tables"
@@ -74,8 +74,8 @@ def _summary_owners(retrained) -> list[dict]:
 
 def test_warm_start_records_the_parent_and_continues_its_optimizer(retrained):
     # Prepare
-    from flows.checkpoint import load_checkpoint
-    from flows.lineage import checkpoint_digest
+    from hetrain.checkpoint import load_checkpoint
+    from hetrain.lineage import checkpoint_digest
 
     run_dir = retrained["run_dir"]
     parent_path = run_dir / "checkpoints" / "round-00004"
@@ -95,9 +95,9 @@ def test_warm_start_records_the_parent_and_continues_its_optimizer(retrained):
 
 def test_warm_start_loads_the_parents_weights_and_optimizer_state(retrained, demo_data, tmp_path):
     # Prepare: the learners round 1 of generation 1 builds, before any training step
-    from flows.checkpoint import load_checkpoint
-    from flows.runtime import Runtime
-    from flows.tasks import Traffic, _unprefixed, build_learners, restore_state
+    from hetrain.checkpoint import load_checkpoint
+    from hetrain.runtime import Runtime
+    from hetrain.tasks import Traffic, _unprefixed, build_learners, restore_state
 
     run_dir = retrained["run_dir"]
     config = write_config(tmp_path, demo_data, rounds=1)
@@ -125,9 +125,9 @@ def test_a_warm_started_retrain_keeps_the_layer_its_ancestors_froze_and_the_rank
         retrained, demo_data, tmp_path):
     # Prepare: the run whose ciphertext layer trained its 4 rounds (the limit: floor(29 / 5) - 1), then a
     # 1-round generation; a second scheduled retrain of 3 rounds follows, as a nightly schedule would run it
-    from flows import train_flow
-    from flows.checkpoint import load_checkpoint
-    from mpc_ops.policy import input_train_rounds
+    from hetrain import train_flow
+    from hetrain.checkpoint import load_checkpoint
+    from hetrain.mpc_ops.reveal.policy import input_train_rounds
 
     run_dir = tmp_path / "run"
     shutil.copytree(retrained["run_dir"], run_dir)
@@ -136,7 +136,7 @@ def test_a_warm_started_retrain_keeps_the_layer_its_ancestors_froze_and_the_rank
     third = train_flow.train(str(config), str(run_dir), retrain=True)
     # Assert: every round of both retrains kept the layer frozen, so no sample saw new weights and the key
     # holder refused nothing; the count of training rounds carries across generations
-    from mpc_ops.config import load_config
+    from hetrain.core.config import load_config
 
     limit = input_train_rounds(load_config(config)[0])
     assert limit == 4
@@ -153,8 +153,8 @@ def test_a_warm_started_retrain_keeps_the_layer_its_ancestors_froze_and_the_rank
 
 def test_every_checkpoint_and_the_run_summary_record_lineage(retrained):
     # Prepare
-    from flows.checkpoint import load_checkpoint
-    from flows.lineage import checkpoint_digest
+    from hetrain.checkpoint import load_checkpoint
+    from hetrain.lineage import checkpoint_digest
 
     run_dir = retrained["run_dir"]
     gen = run_dir / "generations" / "gen-0001"
@@ -207,7 +207,7 @@ def test_round_and_checkpoint_events_carry_the_lineage_fields(retrained):
 
 def test_hetrain_lineage_prints_the_chain_newest_first_across_generations(retrained, capsys):
     # Prepare
-    from flows.cli import main
+    from hetrain.cli import main
 
     run_dir = retrained["run_dir"]
     # Execute
@@ -229,8 +229,8 @@ def test_hetrain_lineage_prints_the_chain_newest_first_across_generations(retrai
 def _reseal(state_file) -> None:
     import json
 
-    from flows import checkpoint as ckpt
-    from mpc_ops import store
+    from hetrain import checkpoint as ckpt
+    from hetrain.core import store
 
     state = json.loads(state_file.read_text())
     state["self_sha256"] = store.sha256_bytes(ckpt._canonical(state))
@@ -239,7 +239,7 @@ def _reseal(state_file) -> None:
 
 def test_hetrain_lineage_flags_a_rewritten_parent(retrained, tmp_path, capsys):
     # Prepare: a copy whose parent checkpoint's state.json was rewritten after the child recorded it
-    from flows.cli import main
+    from hetrain.cli import main
 
     copy = tmp_path / "run"
     shutil.copytree(retrained["run_dir"], copy)
@@ -258,7 +258,7 @@ def test_hetrain_lineage_flags_a_rewritten_parent(retrained, tmp_path, capsys):
 
 def test_hetrain_lineage_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):
     # Prepare
-    from flows.cli import main
+    from hetrain.cli import main
 
     # Execute
     code = main(["lineage", str(tmp_path)])

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from mpc_ops import dp
-from mpc_ops.config import DpConfig
-from mpc_ops.errors import BundleError, PolicyRefusal
-from mpc_ops.reveal_ledger import LEDGER_FILE
-from participants.key_holder import KeyHolder
+from hetrain.mpc_ops.reveal import dp
+from hetrain.core.config import DpConfig
+from hetrain.core.errors import BundleError, PolicyRefusal
+from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE
+from hetrain.participants.key_holder import KeyHolder
 
 from test_key_holder import SLOTS, last_audit, make_holder, make_request, row_ids
 

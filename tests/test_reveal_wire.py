@@ -9,9 +9,9 @@ import struct
 import numpy as np
 import pytest
 
-from mpc_ops import reveal_wire
-from mpc_ops.errors import BundleError, FrameError
-from mpc_ops.reveal import RevealRequest, RevealResponse
+from hetrain.mpc_ops.reveal import frame as reveal_wire
+from hetrain.core.errors import BundleError, FrameError
+from hetrain.mpc_ops.reveal.protocol import RevealRequest, RevealResponse
 
 LIMITS = {"max_blobs": 4, "max_blob_bytes": 64}
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from hetrain.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "breast_cancer.yaml")
@@ -21,7 +21,7 @@ def no_api_url():
 
 def test_serve_without_an_api_url_says_which_server_to_start(no_api_url, capsys, monkeypatch):
     # Prepare: serving must never be reached
-    from flows import serve
+    from hetrain import serve
 
     monkeypatch.setattr(serve, "serve", lambda *a, **k: pytest.fail("served without a server"))
     # Execute

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from flows.engine import Model
-from mpc_ops import ckks, flooding
-from mpc_ops.circuit import CipherOps, PlainOps, Val
-from mpc_ops.config import parse_config
-from mpc_ops.tiled import Tiling
-from mpc_ops.tiled_net import build_net, plain_reveal
+from hetrain.engine import Model
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.mpc_ops.reveal import flooding
+from hetrain.mpc_ops.layers.circuit import CipherOps, PlainOps, Val
+from hetrain.core.config import parse_config
+from hetrain.mpc_ops.layers.tiled import Tiling
+from hetrain.mpc_ops.layers.tiled_net import build_net, plain_reveal
 
 from test_tiled_net import N_BATCH, batch, holder_for, inputs, load
 

@@ -1,4 +1,4 @@
-"""Tests for participants.table: schema validation, split, alignment, standardising, batching."""
+"""Tests for hetrain.participants.table: schema validation, split, alignment, standardising, batching."""
 
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpc_ops.errors import AlignmentError, ConfigError, SchemaError
-from participants.table import Standardizer, align, batches, load_table, split_ids
+from hetrain.core.errors import AlignmentError, ConfigError, SchemaError
+from hetrain.participants.table import Standardizer, align, batches, load_table, split_ids
 
 GOOD_CSV = "id,f1,f2,extra,label\na-1,1.5,2,x,0\na-2,3,4.25,y,1\na-3,-1e2,0,z,2\n"
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from flows.tasks import call_key_holder
-from mpc_ops.errors import PolicyRefusal
+from hetrain.tasks import call_key_holder
+from hetrain.core.errors import PolicyRefusal
 
 
 class FlakyHolder:

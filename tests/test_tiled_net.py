@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.engine import Model
-from mpc_ops import ckks
-from mpc_ops.circuit import CipherOps, PlainOps, Val
-from mpc_ops.config import parse_config
-from mpc_ops.depth_plan import chain_for_depth, circuit_depth
-from mpc_ops.errors import PolicyRefusal, SecurityParameterError
-from mpc_ops.policy import reveal_shapes
-from mpc_ops.polyact import fit
-from mpc_ops.reveal import blind, unblind
-from mpc_ops.tensors import EncryptedTensor
-from mpc_ops.tiled import Tiling
-from mpc_ops.tiled_net import Inputs, Reveal, build_net, plain_reveal, poly_derivative, poly_forward
-from participants.key_holder import KeyHolder
+from hetrain.engine import Model
+from hetrain.mpc_ops.crypto import ckks
+from hetrain.mpc_ops.layers.circuit import CipherOps, PlainOps, Val
+from hetrain.core.config import parse_config
+from hetrain.mpc_ops.layers.depth_plan import chain_for_depth, circuit_depth
+from hetrain.core.errors import PolicyRefusal, SecurityParameterError
+from hetrain.mpc_ops.reveal.policy import reveal_shapes
+from hetrain.mpc_ops.layers.polyact import fit
+from hetrain.mpc_ops.reveal.protocol import blind, unblind
+from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
+from hetrain.mpc_ops.layers.tiled import Tiling
+from hetrain.mpc_ops.layers.tiled_net import Inputs, Reveal, build_net, plain_reveal, poly_derivative, poly_forward
+from hetrain.participants.key_holder import KeyHolder
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -265,7 +265,7 @@ def test_a_config_whose_circuit_is_too_deep_is_refused_at_load_time():
     raw["model"]["loss"] = "softmax_cross_entropy"
     raw["model"]["layers"][2]["out_features"] = 3
     raw["policy"]["labels"] = "reveal"
-    from mpc_ops.errors import ConfigError
+    from hetrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"needs multiplicative depth 7, but the deepest chain .* has 6 levels"):
         parse_config(raw)
@@ -273,7 +273,7 @@ def test_a_config_whose_circuit_is_too_deep_is_refused_at_load_time():
 
 def test_strict_mode_needs_every_linear_layer_on_ciphertext():
     raw = load("breast_cancer_strict", cipher_layers=["enc1"])
-    from mpc_ops.errors import ConfigError
+    from hetrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"policy.reveals is empty \(strict mode: no activation is revealed\), so every "
                                           r"linear layer must be in policy.cipher_layers; missing \['out'\]"):
@@ -283,7 +283,7 @@ def test_strict_mode_needs_every_linear_layer_on_ciphertext():
 def test_a_non_polynomial_activation_below_a_ciphertext_layer_is_refused():
     raw = load("breast_cancer_strict")
     raw["model"]["layers"][1] = {"kind": "tanh"}
-    from mpc_ops.errors import ConfigError
+    from hetrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.layers\[1\]: 'tanh' sits below the ciphertext layer 'out'; only "
                                           r"polynomial activations \(square, poly_tanh, poly_sigmoid\) run on ciphertext"):
@@ -303,7 +303,7 @@ def test_config_parsing_leaves_the_raw_mapping_unchanged():
     ("breast_cancer", 1, [60, 50, 60]),
 ])
 def test_shipped_configs_load_with_a_chain_deep_enough_for_their_circuit(name, depth, bits):
-    from mpc_ops.config import load_config
+    from hetrain.core.config import load_config
 
     cfg, _ = load_config(REPO / "configs" / f"{name}.yaml")
     assert circuit_depth(cfg) == depth and cfg.ckks.coeff_mod_bit_sizes == bits
@@ -312,7 +312,7 @@ def test_shipped_configs_load_with_a_chain_deep_enough_for_their_circuit(name, d
 
 @pytest.mark.parametrize("n, sizes", [(1437, {62, 63}), (227, {56, 57}), (64, {64}), (65, {32, 33})])
 def test_tiled_batches_are_balanced_and_never_wider_than_the_block(n, sizes):
-    from participants.tiled_owner import balanced_slices
+    from hetrain.participants.tiled_owner import balanced_slices
 
     slices = balanced_slices(n, 64)
     assert {s.stop - s.start for s in slices} == sizes and slices[-1].stop == n and slices[0].start == 0

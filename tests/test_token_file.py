@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from mpc_ops.errors import ConfigError
-from mpc_ops.token_file import create_token, read_token
+from hetrain.core.errors import ConfigError
+from hetrain.mpc_ops.reveal.token_file import create_token, read_token
 
 
 def test_create_token_writes_a_random_token_readable_by_the_owner_only(tmp_path):

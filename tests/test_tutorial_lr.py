@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from bench.tutorial_lr import (
+from hetrain.bench.tutorial_lr import (
     LAYOUT,
     SIGMOID_COEFFS,
     WEIGHT_DECAY,

@@ -7,8 +7,8 @@ import pytest
 import tenseal as ts
 import zstandard
 
-from mpc_ops import ckks, seal_format, wire
-from mpc_ops.errors import BundleError
+from hetrain.mpc_ops.crypto import ckks, seal_format, wire
+from hetrain.core.errors import BundleError
 
 SLOTS = 4096
 SUM_ATOL = 1e-6  # CKKS error of log2(seg) rotations at scale 2^50 is ~2^-30; 1e-6 leaves ~1000x margin

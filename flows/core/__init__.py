@@ -1,0 +1,1 @@
+"""The bottom layer: config schema, errors, atomic storage, strict array readers, failpoints."""

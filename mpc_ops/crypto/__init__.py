@@ -1,0 +1,1 @@
+"""Explicit public-side CKKS calls, parameters, SEAL/TenSEAL wire parsing and isolation."""

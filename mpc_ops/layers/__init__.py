@@ -1,0 +1,1 @@
+"""Ciphertext and plaintext layers, their circuits, slot layouts and the planner."""

@@ -1,0 +1,1 @@
+"""The blinded reveal: request types, frame, client, policy, ledger, flooding and DP."""

@@ -2,29 +2,14 @@
 rotate-key, key-holder (serve, token), demo-data."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-QUIET_PREFECT = {
-    # Prefect's own console output would fight the progress bar; run logs still reach the API/UI.
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL",
-    # The temporary server's shutdown races ("database is locked", "Error flushing events") are
-    # logged by its services at ERROR with tracebacks; they are harmless for a finished run.
-    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # Flow runs wait for the API log batch to flush when they end; 2 s (the default) per round is
-    # too much for rounds of a few seconds.
-    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.25",
-}
-
 
 def _quiet_prefect(verbose: bool) -> None:
-    for key, value in QUIET_PREFECT.items():
-        if not verbose or "LOGGING_HANDLERS" not in key and "SERVER_LOGGING" not in key:
-            os.environ.setdefault(key, value)
+    from hetrain.api import quiet_prefect
+
+    quiet_prefect(verbose)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -104,7 +89,14 @@ def cmd_key_holder(args) -> int:
 def cmd_bench(args) -> int:
     _quiet_prefect(False)
     if args.faults:
-        from hetrain.bench.harness.faults import main as faults_main
+        try:
+            from hetrain.bench.harness.faults import main as faults_main
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("hetrain.bench.harness"):
+                raise
+            return _fail("the fault harness (bench/harness/) is test infrastructure and is not in the installed "
+                         "package; run `hetrain bench --faults` from a clone of the repository "
+                         "(pip install -e '.[test]')", code=1)
 
         return faults_main(args.out)
     from hetrain.bench.runner import main as bench_main
@@ -113,11 +105,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from hetrain.core.config import load_config
+    from hetrain.api import load_config, train
     from hetrain.core.errors import HetrainError
 
     try:
-        cfg, _ = load_config(args.config)
+        cfg = load_config(args.config)
         deployed = [o.name for o in cfg.data.owners if o.deployment]
         if deployed:
             from hetrain.serve import check_api_url
@@ -125,36 +117,30 @@ def cmd_train(args) -> int:
     except HetrainError as exc:
         return _fail(str(exc))
     run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
-    _quiet_prefect(args.verbose)
 
     from hetrain.artifacts import artifact_key
-    from hetrain.console import TrainProgress
-    from hetrain.train_flow import train
 
-    with TrainProgress(cfg.name) as bar:
-        try:
-            result = train(str(Path(args.config).resolve()), str(run_dir), resume=args.resume,
-                           run_name=f"{cfg.name}", retrain=args.retrain)
-        except HetrainError as exc:
-            bar.stop()
-            return _fail(f"{type(exc).__name__}: {exc}", code=1)
-        except OSError as exc:  # a full disk, a lost mount: the run stops, its checkpoints stay usable
-            bar.stop()
-            return _fail(_io_failure(exc, run_dir), code=1)
-    final, out = result["final"], Path(result["out_dir"])
+    try:
+        result = train(args.config, run_dir, resume=args.resume, retrain=args.retrain, progress=True,
+                       verbose=args.verbose)
+    except HetrainError as exc:
+        return _fail(f"{type(exc).__name__}: {exc}", code=1)
+    except OSError as exc:  # a full disk, a lost mount: the run stops, its checkpoints stay usable
+        return _fail(_io_failure(exc, run_dir), code=1)
+    out = result.out_dir
     print()
-    print(f"hetrain: run '{cfg.name}' finished ({final['stop_reason']})")
-    mode = f"encrypted, {final.get('policy_mode', 'hybrid')}"
+    print(f"hetrain: run '{cfg.name}' finished ({result.stop_reason})")
+    mode = f"encrypted, {result.policy_mode}"
     width = max(len(mode), len("plaintext twin"))
-    print(f"  test accuracy ({mode}):{' ' * (width - len(mode))} {final['test_accuracy']:.4f}")
-    if final["plaintext_twin_test_accuracy"] is not None:
-        print(f"  test accuracy (plaintext twin):{' ' * (width - 14)} {final['plaintext_twin_test_accuracy']:.4f}")
-    print(f"  decryptions: {final['decryptions']}, policy refusals: {final['policy_refusals']}, "
-          f"seconds/round: {final['mean_seconds_per_round']}, bytes/round: {final['mean_bytes_per_round']:,}")
-    if result["generation"] is not None:
-        parent = result["lineage"]["parent_checkpoint"]
-        print(f"  generation {result['generation']} of {run_dir} ({f'warm start from {parent}' if parent else 'fresh start'})")
-    plot = f", {out}/plots/training.png" if (out / "plots" / "training.png").is_file() else ""
+    print(f"  test accuracy ({mode}):{' ' * (width - len(mode))} {result.test_accuracy:.4f}")
+    if result.twin_test_accuracy is not None:
+        print(f"  test accuracy (plaintext twin):{' ' * (width - 14)} {result.twin_test_accuracy:.4f}")
+    print(f"  decryptions: {result.decryptions}, policy refusals: {result.policy_refusals}, "
+          f"seconds/round: {result.mean_seconds_per_round}, bytes/round: {result.mean_bytes_per_round:,}")
+    if result.generation is not None:
+        parent = result.lineage["parent_checkpoint"]
+        print(f"  generation {result.generation} of {run_dir} ({f'warm start from {parent}' if parent else 'fresh start'})")
+    plot = f", {result.plot_path}" if result.plot_path else ""
     print(f"  results:  {out}/metrics.json, {out}/summary.md{plot}")
     print("  Prefect UI: the runs are stored in Prefect's local database; to browse them run")
     print(f"    {_prefect_bin()} server start")

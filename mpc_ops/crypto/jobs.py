@@ -6,8 +6,9 @@ once and keep it.
 """
 
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing.context import SpawnContext, SpawnProcess
 
 import numpy as np
 import tenseal as ts
@@ -56,6 +57,30 @@ def _run_in_worker(slots: int, blobs: list[bytes], jobs: list[Job]) -> list[byte
     return run_jobs(_worker_context, slots, blobs, jobs)
 
 
+class _WorkerProcess(SpawnProcess):
+    """A spawned worker that does not re-run the caller's `__main__`.
+
+    Workers run only this module's functions, so they never need the caller's script; without this, a
+    script that calls `hetrain.train` with no `if __name__ == "__main__":` guard would start training
+    again in every worker process (multiprocessing's spawn imports `__main__` in the child).
+    """
+
+    @staticmethod
+    def _Popen(process_obj):
+        main = sys.modules["__main__"]
+        saved = {k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__spec__ = None  # spawn reads `__spec__.name`, then `__file__`, to re-import the main module
+        try:
+            return SpawnProcess._Popen(process_obj)
+        finally:
+            del main.__spec__
+            main.__dict__.update(saved)
+
+
+class _WorkerContext(SpawnContext):
+    Process = _WorkerProcess
+
+
 class JobRunner:
     """Runs job lists serially, or split across `workers` processes (bytes in, bytes out)."""
 
@@ -70,7 +95,7 @@ class JobRunner:
         pool = self._pools.get(self._key)
         if pool is None:
             public = self.context.serialize(save_secret_key=False)
-            pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+            pool = ProcessPoolExecutor(self.workers, mp_context=_WorkerContext(),
                                        initializer=_init_worker, initargs=(public,))
             self._pools[self._key] = pool
         return pool

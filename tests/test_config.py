@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetrain.core.config import load_config, parse_config
+from hetrain.configure import load_config, parse_config
 from hetrain.core.errors import ConfigError, SecurityParameterError
-from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.core.params import CkksParams
 
 REPO = Path(__file__).resolve().parent.parent
 BREAST_CANCER = REPO / "configs" / "breast_cancer.yaml"

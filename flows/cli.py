@@ -2,29 +2,10 @@
 rotate-key, key-holder (serve, token), demo-data."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-QUIET_PREFECT = {
-    # Prefect's own console output would fight the progress bar; run logs still reach the API/UI.
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL",
-    # The temporary server's shutdown races ("database is locked", "Error flushing events") are
-    # logged by its services at ERROR with tracebacks; they are harmless for a finished run.
-    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # Flow runs wait for the API log batch to flush when they end; 2 s (the default) per round is
-    # too much for rounds of a few seconds.
-    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.25",
-}
-
-
-def _quiet_prefect(verbose: bool) -> None:
-    for key, value in QUIET_PREFECT.items():
-        if not verbose or "LOGGING_HANDLERS" not in key and "SERVER_LOGGING" not in key:
-            os.environ.setdefault(key, value)
+from hetrain.prefect_settings import quiet_prefect as _quiet_prefect
 
 
 def _fail(message: str, code: int = 2) -> int:

@@ -19,7 +19,11 @@ from hetrain.mpc_ops.layers.depth_plan import chain_for_depth, circuit_depth
 def parse_config(raw: dict, source: str = "config") -> RunConfig:
     """Validate a config mapping; raise ConfigError listing every problem. With ckks.auto the returned
     config carries the chain picked for the circuit's depth (a new object: the validated one is frozen)."""
-    cfg = validate_config(raw, source)
+    return check_loaded(validate_config(raw, source), source)
+
+
+def check_loaded(cfg: RunConfig, source: str = "config") -> RunConfig:
+    """The checks above the schema, on a config `validate_config` accepted; the checked config (new with ckks.auto)."""
     if cfg.exchange.url is not None:
         try:
             check_url(cfg.exchange.url)

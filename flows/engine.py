@@ -13,7 +13,7 @@ import numpy as np
 from hetrain.core.config import RunConfig
 from hetrain.mpc_ops.reveal.dp import clip_rows
 from hetrain.mpc_ops.layers.optim import build_optimizer
-from hetrain.mpc_ops.layers.model import Model  # defined below the engine (depth_plan runs it); the flows import it from here
+from hetrain.mpc_ops.layers.model import Model  # lives below the engine: depth_plan runs it too
 
 
 def make_optimizer(cfg: RunConfig):

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # A new run directory each time, so earlier results stay.
 RUN_DIR ?= runs/breast_cancer-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast layers bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hetrain needs Python 3.11+, found " + sys.version.split()[0])'
@@ -25,6 +25,10 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not slow"
+
+# lint-imports on the package layering (pyproject.toml [tool.importlinter]), via its test: see tests/test_layers.py
+layers: $(VENV)/.installed
+	$(BIN)/python -m pytest -n 0 -q tests/test_layers.py
 
 bench: $(VENV)/.installed
 	$(BIN)/hetrain bench

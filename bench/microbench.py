@@ -14,8 +14,8 @@ import tenseal as ts
 
 from hetrain.mpc_ops.crypto import ckks, wire
 from hetrain.core.config import PolicyConfig
-from hetrain.mpc_ops.crypto.params import CkksParams
-from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.core.params import CkksParams
+from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import RevealRequest, _mask
 from hetrain.participants.key_holder import KeyHolder
 
@@ -68,7 +68,7 @@ def _reveal_call(tmp: Path, params: CkksParams, repeat: int, costs: dict) -> flo
     """A key holder's per-request bookkeeping: a one-blob reveal minus its load and decryption."""
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=1,
                           flooding={"security_bits": 30, "budget": 10**9})
-    holder = KeyHolder.open_or_create(tmp / "kh", params, policy, {"enc1": LayerShape(64, 1)})
+    holder = KeyHolder.open_or_create(tmp / "kh", params, policy, {"enc1": LinearShape(64, 1)})
     public = ckks.load_public_context(holder.public_context(), isolate=False)  # our own key holder
     fresh = ckks.load_vector(public, ckks.encrypt(public, np.zeros(params.slots)), ckks.fresh_layout(public))
     blob = ckks.multiply_plain(fresh, np.ones(params.slots)).serialize()  # revealed blobs are products

@@ -121,7 +121,7 @@ def _full_epoch_scale(work: Path, base: str, strict: dict) -> float:
         return 1.0
     from hetrain.runtime import Runtime
     from hetrain.mpc_ops.exchange.tiled_bundle import TiledStore
-    from hetrain.tiled_flow import tiling_for
+    from hetrain.mpc_ops.layers.tiled import tiling_for
 
     rt = Runtime(work / f"{base}-strict.yaml", work / f"{base}-strict-run")
     full = len(TiledStore(rt.paths.exchange, rt.cfg, rt.key_id, tiling_for(rt.cfg)).batches("train"))

@@ -20,7 +20,7 @@ def main(mode: str, config: str, run_dir: str) -> dict:
     if mode == "orchestration":  # Prefect reads its settings from the environment at import
         import os
 
-        from hetrain.api import QUIET_PREFECT
+        from hetrain.prefect_settings import QUIET_PREFECT
 
         for key, value in QUIET_PREFECT.items():
             os.environ.setdefault(key, value)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hetrain.runtime import Runtime, layer_shape
-from hetrain.mpc_ops.layers.planner import forward_counts, gradient_counts, plan_layer, price
+from hetrain.runtime import Runtime
+from hetrain.mpc_ops.layers.planner import forward_counts, gradient_counts, packing_shape, plan_layer, price
 from hetrain.participants.demo_data import write_demo_data
 
 from hetrain.bench import pipeline
@@ -20,7 +20,7 @@ from hetrain.bench.tutorial_lr import run_tutorial_lr
 def _epoch_floor(config: Path, run_dir: Path, costs: dict) -> tuple[float, dict]:
     """The op-count floor of one training epoch under the chosen plan, priced with measured costs."""
     rt = Runtime(config, run_dir)
-    shape = layer_shape(rt.cfg)
+    shape = packing_shape(rt.cfg)
     counts = None
     for ref in rt.store.batches("train"):
         n = rt.store.manifests[ref.owners[0]]["splits"]["train"]["batches"][ref.index]["n"]
@@ -187,4 +187,4 @@ def orchestration(work: Path, config_name: str, rounds_: int) -> dict:
 
 def plan_table(config: Path, costs: dict) -> list[dict]:
     """The planner's candidates for a config's ciphertext layer, priced with this run's costs."""
-    return plan_layer(layer_shape(Runtime(config, config.parent / "unused").cfg), costs).table()
+    return plan_layer(packing_shape(Runtime(config, config.parent / "unused").cfg), costs).table()

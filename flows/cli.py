@@ -5,11 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _quiet_prefect(verbose: bool) -> None:
-    from hetrain.api import quiet_prefect
-
-    quiet_prefect(verbose)
+from hetrain.prefect_settings import quiet_prefect as _quiet_prefect
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -76,12 +72,15 @@ def cmd_key_holder(args) -> int:
         print(f"{'wrote a new' if created else 'kept the existing'} bearer token in {path} (mode 0600); pass it to "
               f"`hetrain key-holder serve --token-file {path}` and to the trainer as key_holder.token_file")
         return 0
-    from hetrain.participants.key_holder_service import serve
+    from hetrain.configure import load_config
+    from hetrain.participants.key_holder_service import check_serve_options, serve
 
+    options = {"port": args.port, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+               "tls_client_ca": args.tls_client_ca, "max_body_mb": args.max_body_mb}
     try:
-        return serve(args.config, args.key_dir, host=args.host, port=args.port, token_path=args.token_file,
-                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                     max_body_mb=args.max_body_mb)
+        check_serve_options(**options)  # before the config: a bad option is reported even without one
+        cfg, config_path = load_config(args.config)
+        return serve(cfg, config_path, args.key_dir, host=args.host, token_path=args.token_file, **options)
     except HetrainError as exc:
         return _fail(f"{type(exc).__name__}: {exc}", code=1)
 
@@ -161,7 +160,7 @@ def _io_failure(exc: OSError, run_dir: Path) -> str:
 
 
 def cmd_serve(args) -> int:
-    from hetrain.core.config import load_config
+    from hetrain.configure import load_config
     from hetrain.core.errors import HetrainError
 
     from hetrain.serve import arm_stop_watchdog, check_api_url, check_cron, serve

@@ -18,7 +18,8 @@ from prefect.exceptions import ObjectNotFound
 
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.core import store
-from hetrain.core.config import OwnerConfig, RunConfig, parse_config
+from hetrain.configure import parse_config
+from hetrain.core.config import OwnerConfig, RunConfig
 from hetrain.core.errors import ConfigError, OwnerDeploymentError
 from hetrain.mpc_ops.exchange.remote import PUBLIC_CONTEXT, RemoteExchange
 from hetrain.participants import data_owner

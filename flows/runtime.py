@@ -27,13 +27,14 @@ import tenseal as ts
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.core import store
 from hetrain.mpc_ops.exchange.bundle import ExchangeStore
-from hetrain.core.config import KeyHolderConfig, RunConfig, load_config
+from hetrain.configure import load_config
+from hetrain.core.config import KeyHolderConfig, RunConfig
 from hetrain.core.errors import BundleError
 from hetrain.mpc_ops.exchange.remote import RemoteExchange
 from hetrain.mpc_ops.reveal.http_client import HttpKeyHolderClient
 from hetrain.mpc_ops.layers.packing import PackingPlan
-from hetrain.mpc_ops.layers.planner import LayerShape, plan_layer
-from hetrain.mpc_ops.reveal.policy import reveal_shapes
+from hetrain.mpc_ops.layers.planner import packing_shape, plan_layer
+from hetrain.core.shapes import reveal_shapes
 from hetrain.mpc_ops.reveal.protocol import KeyHolderClient, RevealRequest, RevealResponse
 
 PUBLIC_CONTEXT = "public_context.bin"
@@ -91,17 +92,9 @@ def generation_dir(root: Path, generation: int) -> Path:
     return Path(root) / "generations" / f"gen-{generation:04d}"
 
 
-def layer_shape(cfg: RunConfig) -> LayerShape:
-    """The ciphertext layer's shape as the planner sees it: which owners meet in one batch."""
-    first = cfg.model.layers[0]
-    owners = tuple(len(o.features) for o in cfg.data.owners) if cfg.data.partition == "vertical" \
-        else (len(cfg.data.owners[0].features),)
-    return LayerShape(owners, first.out_features, cfg.train.batch_size, cfg.ckks.params().slots)
-
-
 def packing_plan(cfg: RunConfig, costs: dict | None = None) -> PackingPlan:
     """The slot layout every owner encrypts in, chosen by the planner from the declared shapes."""
-    shape = layer_shape(cfg)
+    shape = packing_shape(cfg)
     return plan_layer(shape, costs, cfg.packing.forward).packing(shape)
 
 

@@ -18,11 +18,10 @@ from prefect.cache_policies import NO_CACHE
 
 from hetrain.core import store
 from hetrain.mpc_ops.layers.circuit import CipherOps, PlainOps
-from hetrain.mpc_ops.layers.depth_plan import block_width
 from hetrain.mpc_ops.reveal.policy import input_train_rounds
 from hetrain.mpc_ops.reveal.protocol import blind, unblind
 from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
-from hetrain.mpc_ops.layers.tiled import Tiling
+from hetrain.mpc_ops.layers.tiled import Tiling, tiling_for
 from hetrain.mpc_ops.exchange.tiled_bundle import TiledRef, TiledStore
 from hetrain.mpc_ops.layers.tiled_net import Inputs, Outcome, Reveal, TiledLearner, build_net, plain_reveal
 from hetrain.mpc_ops.layers.cipher_layers import weights_digest
@@ -36,16 +35,6 @@ from hetrain.tasks import ENGINE, Traffic, call_key_holder
 
 def engine_on() -> bool:
     return ENGINE.get()
-
-
-def tiling_for(cfg) -> Tiling:
-    tiling = Tiling(cfg.ckks.params().slots, block_width(cfg.train.batch_size))
-    widths = [len(o.features) for o in cfg.data.owners]
-    tiling.check_width(sum(widths) if cfg.data.partition == "vertical" else widths[0], "model input")
-    for layer in cfg.model.layers:
-        if layer.kind == "linear":
-            tiling.check_width(layer.out_features, f"layer '{layer.name}'")
-    return tiling
 
 
 def local_dir(rt: Runtime) -> Path:

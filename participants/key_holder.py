@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from hetrain.mpc_ops.crypto import ckks, context_record, wire
-from hetrain.mpc_ops.reveal import dp, flooding
+from hetrain.mpc_ops.crypto import ckks, context_record, flooding, wire
+from hetrain.mpc_ops.reveal import dp
 from hetrain.core import store
 from hetrain.core.config import PolicyConfig
 from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
 from hetrain.core.failpoints import failpoint
-from hetrain.mpc_ops.crypto.params import CkksParams
-from hetrain.mpc_ops.reveal.policy import LayerShape, check_reveal
+from hetrain.core.params import CkksParams
+from hetrain.core.shapes import LinearShape
+from hetrain.mpc_ops.reveal.policy import check_reveal
 from hetrain.mpc_ops.reveal.protocol import RevealRequest, RevealResponse, check_request
 from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE, RevealLedger
 
@@ -47,7 +48,7 @@ class KeyHolder:
     """Holds the secret key, the decryption budget and the audit log."""
 
     def __init__(self, directory: Path, context: ts.Context, params: CkksParams,
-                 policy: PolicyConfig, shapes: dict[str, LayerShape]):
+                 policy: PolicyConfig, shapes: dict[str, LinearShape]):
         self.directory, self._context, self.params = Path(directory), context, params
         self.policy, self.shapes = policy, shapes
         self.key_id = ckks.key_id(context)
@@ -65,7 +66,7 @@ class KeyHolder:
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
     def open_or_create(cls, directory: Path, params: CkksParams, policy: PolicyConfig,
-                       shapes: dict[str, LayerShape]) -> "KeyHolder":
+                       shapes: dict[str, LinearShape]) -> "KeyHolder":
         """Load the key in `directory`, or make a new one if there is none yet."""
         directory = Path(directory)
         secret = directory / SECRET_FILE

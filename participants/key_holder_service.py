@@ -32,10 +32,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from hetrain.mpc_ops.reveal import frame as reveal_wire
-from hetrain.core.config import RunConfig, load_config
+from hetrain.core.config import RunConfig
 from hetrain.core.errors import BudgetExhausted, ConfigError, ForeignKeyError, FrameError, HetrainError, PolicyRefusal
 from hetrain.mpc_ops.layers.packing import next_pow2
-from hetrain.mpc_ops.reveal.policy import cipher_layer_shapes, reveal_shapes
+from hetrain.core.shapes import cipher_layer_shapes, reveal_shapes
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.mpc_ops.reveal.token_file import create_token, read_token
 
@@ -178,12 +178,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def serve(config_path: str | Path, key_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8765,
-          token_path: str | Path | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-          tls_client_ca: str | None = None, max_body_mb: float | None = None) -> int:
-    """Load the config and the key, then serve until interrupted (`hetrain key-holder serve`)."""
-    import uvicorn
-
+def check_serve_options(*, port: int = 8765, tls_cert: str | None = None, tls_key: str | None = None,
+                        tls_client_ca: str | None = None, max_body_mb: float | None = None) -> None:
+    """Raise ConfigError for inconsistent `serve` options (the CLI calls it before it loads the config)."""
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together (the service's certificate and its key)")
     if tls_client_ca and not tls_cert:
@@ -192,7 +189,17 @@ def serve(config_path: str | Path, key_dir: str | Path, *, host: str = "127.0.0.
         raise ConfigError(f"--max-body-mb must be in (0, 4096]; got {max_body_mb}")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535]; got {port}")
-    cfg, config_path = load_config(config_path)
+
+
+def serve(cfg: RunConfig, config_path: Path, key_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8765,
+          token_path: str | Path | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+          tls_client_ca: str | None = None, max_body_mb: float | None = None) -> int:
+    """Load the key for a loaded config (hetrain.configure.load_config), then serve until interrupted
+    (`hetrain key-holder serve`)."""
+    import uvicorn
+
+    check_serve_options(port=port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+                        max_body_mb=max_body_mb)
     key_dir = Path(key_dir).resolve()
     existed = (key_dir / SECRET_FILE).exists()
     holder = KeyHolder.open_or_create(key_dir, cfg.ckks.params(), cfg.policy, reveal_shapes(cfg))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hetrain.mpc_ops.crypto import ckks
-from hetrain.core import store
+from hetrain.core import shapes, store
 from hetrain.core.config import OwnerConfig, RunConfig
 from hetrain.mpc_ops.layers.packing import FEATURE_CLIP
 from hetrain.mpc_ops.layers.tiled import Tiling
@@ -35,18 +35,6 @@ def balanced_slices(n: int, batch_size: int) -> list[slice]:
     count = max(1, -(-n // batch_size))
     bounds = np.linspace(0, n, count + 1).round().astype(int)
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def feature_offset(cfg: RunConfig, owner: OwnerConfig) -> int:
-    """Where the owner's features start in the model's input (vertical: after earlier owners')."""
-    if cfg.data.partition != "vertical":
-        return 0
-    offset = 0
-    for o in cfg.data.owners:
-        if o.name == owner.name:
-            return offset
-        offset += len(o.features)
-    raise ValueError(f"owner '{owner.name}' is not declared in data.owners")
 
 
 def label_vectors(cfg: RunConfig, tiling: Tiling, y: np.ndarray) -> list[np.ndarray]:
@@ -73,7 +61,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, tiling: T
           "test": scaler.transform(test)[owner.features].to_numpy(np.float64)}
     ys = {split: part[label_col].to_numpy(np.int64) for split, part in (("train", train), ("test", test))} \
         if label_col else {}
-    offset = feature_offset(cfg, owner)
+    offset = shapes.feature_offset(cfg, owner.name)
     generation = f"g-tiled-{os.urandom(4).hex()}"
     manifest = {"format": 1, "owner": owner.name, "key_id": key_id, "features": owner.features,
                 "layout": {"kind": "tiled", "slots": tiling.slots, "n": tiling.n, "offset": offset},

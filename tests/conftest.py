@@ -99,13 +99,13 @@ def ckks_keys(tmp_path_factory):
     """A key holder with the default parameters and a permissive demo policy, plus its public context."""
     from hetrain.mpc_ops.crypto import ckks
     from hetrain.core.config import PolicyConfig
-    from hetrain.mpc_ops.crypto.params import CkksParams
-    from hetrain.mpc_ops.reveal.policy import LayerShape
+    from hetrain.core.params import CkksParams
+    from hetrain.core.shapes import LinearShape
     from hetrain.participants.key_holder import KeyHolder
 
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
     holder = KeyHolder.open_or_create(tmp_path_factory.mktemp("kh") / "key_holder", CkksParams(), policy,
-                                      {"enc1": LayerShape(64, 8)})
+                                      {"enc1": LinearShape(64, 8)})
     public = ckks.load_public_context(holder.public_context(), expected_key_id=holder.key_id)
     return holder, public
 

@@ -10,8 +10,8 @@ from hetrain.cli import main
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.core.config import PolicyConfig
 from hetrain.core.errors import PolicyRefusal
-from hetrain.mpc_ops.crypto.params import CkksParams
-from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.core.params import CkksParams
+from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.participants.audit import AuditError, verify
 from hetrain.participants.key_holder import KeyHolder
@@ -21,7 +21,7 @@ from hetrain.participants.key_holder import KeyHolder
 def run_dir(tmp_path):
     """A key holder with three audit entries: allow, refuse (min_batch), allow."""
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
-    holder = KeyHolder.open_or_create(tmp_path / "key_holder", CkksParams(), policy, {"enc1": LayerShape(64, 8)})
+    holder = KeyHolder.open_or_create(tmp_path / "key_holder", CkksParams(), policy, {"enc1": LinearShape(64, 8)})
     public = ckks.load_public_context(holder.public_context())
     fresh = ckks.load_vector(public, ckks.encrypt(public, np.zeros(4096)), ckks.fresh_layout(public))
     blob = ckks.multiply_plain(fresh, np.ones(4096)).serialize()  # revealed blobs are products
@@ -131,5 +131,5 @@ def test_entries_a_crash_left_unrecorded_are_reported_as_such_and_adopted_on_reo
     with pytest.raises(AuditError, match="1 entry after entry 2, the last one the key holder recorded"):
         verify(directory)
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
-    KeyHolder.open_or_create(directory, CkksParams(), policy, {"enc1": LayerShape(64, 8)})
+    KeyHolder.open_or_create(directory, CkksParams(), policy, {"enc1": LinearShape(64, 8)})
     assert verify(directory).entries == 3

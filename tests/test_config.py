@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetrain.core.config import load_config, parse_config
+from hetrain.configure import load_config, parse_config
 from hetrain.core.errors import ConfigError, SecurityParameterError
-from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.core.params import CkksParams
 
 REPO = Path(__file__).resolve().parent.parent
 BREAST_CANCER = REPO / "configs" / "breast_cancer.yaml"
@@ -402,3 +402,38 @@ def test_a_huge_bad_value_is_quoted_only_in_part(horizontal):
 
     # Assert
     assert "key 'name'" in message and len(message) < 1000
+
+
+# ---- the schema at the bottom, the loader above it -------------------------------------------
+
+
+def test_an_auto_chain_is_picked_by_the_loader_into_a_new_config_the_schema_result_unchanged():
+    # Prepare: the strict config asks the planner for its chain (ckks.auto), so the schema leaves the default
+    from hetrain.configure import check_loaded
+    from hetrain.core.config import validate_config
+
+    raw = yaml.safe_load((REPO / "configs" / "breast_cancer_strict.yaml").read_text())
+    validated = validate_config(raw, "cfg.yaml")
+    before = validated.model_dump()
+
+    # Execute
+    checked = check_loaded(validated, "cfg.yaml")
+
+    # Assert: a new config with the counted chain; the validated (frozen) one is as it was
+    assert checked is not validated
+    assert checked.ckks.coeff_mod_bit_sizes == [60, 50, 50, 50, 50, 50, 50, 60] and checked.ckks.auto
+    assert validated.model_dump() == before and validated.ckks.coeff_mod_bit_sizes == [60, 50, 60]
+
+
+def test_importing_the_config_schema_loads_nothing_above_hetrain_core():
+    # Execute: a fresh interpreter, so modules other tests imported do not count
+    import ast
+    import subprocess
+    import sys
+
+    code = "import sys, hetrain.core.config; print(sorted(m for m in sys.modules if m.startswith('hetrain')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    # Assert
+    loaded = ast.literal_eval(out)
+    assert loaded and all(m == "hetrain" or m.startswith("hetrain.core") for m in loaded), loaded

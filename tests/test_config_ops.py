@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetrain.core.config import load_config, parse_config
+from hetrain.configure import load_config, parse_config
 from hetrain.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

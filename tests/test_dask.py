@@ -6,7 +6,8 @@ import asyncio
 import pytest
 import yaml
 
-from hetrain.core.config import ConfigError, parse_config
+from hetrain.configure import parse_config
+from hetrain.core.errors import ConfigError
 from tests.conftest import REPO, write_config
 
 

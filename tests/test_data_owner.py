@@ -15,11 +15,12 @@ from hetrain.runtime import packing_plan
 from hetrain.core import store
 from hetrain.mpc_ops.exchange.bundle import BatchRef, ExchangeStore
 from hetrain.mpc_ops.layers.cipher_layers import CipherLinear, PlainInputLinear
-from hetrain.core.config import PolicyConfig, parse_config
+from hetrain.configure import parse_config
+from hetrain.core.config import PolicyConfig
 from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError, SchemaError
 from hetrain.mpc_ops.layers.packing import PackingPlan
-from hetrain.mpc_ops.crypto.params import CkksParams
-from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.core.params import CkksParams
+from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import blind, unblind
 from hetrain.mpc_ops.crypto.tensors import EncryptedBatch, PlainBatch
 from hetrain.participants.data_owner import MANIFEST, hashed_ids, prepare
@@ -460,7 +461,7 @@ def test_bundle_made_under_another_key_raises_foreign_key_error_naming_both_key_
     holder, _ = ckks_keys
     policy = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32)
     other = KeyHolder.open_or_create(tmp_path / "other_key_holder", CkksParams(), policy,
-                                     {"enc1": LayerShape(30, 8)})
+                                     {"enc1": LinearShape(30, 8)})
     cfg = build_config("breast_cancer", {"clinic_a": demo_data / "breast_cancer" / "clinic_a.csv"})
     prepare_owners(cfg, other, tmp_path / "exchange")
     # Execute / Assert

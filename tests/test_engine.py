@@ -7,7 +7,8 @@ import yaml
 
 from hetrain.engine import LazyBatch, Learner, Model, input_frozen_in, make_optimizer
 from hetrain.mpc_ops.layers.cipher_layers import PlainInputLinear
-from hetrain.core.config import ConfigError, load_config, parse_config
+from hetrain.configure import load_config, parse_config
+from hetrain.core.errors import ConfigError
 from hetrain.mpc_ops.reveal.policy import input_train_rounds
 from hetrain.mpc_ops.crypto.tensors import PlainBatch
 

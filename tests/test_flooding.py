@@ -7,9 +7,9 @@ import pytest
 import tenseal as ts
 
 from hetrain.mpc_ops.crypto import ckks
-from hetrain.mpc_ops.reveal import flooding
+from hetrain.mpc_ops.crypto import flooding
 from hetrain.mpc_ops.layers import packing
-from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.core.params import CkksParams
 
 PARAMS = CkksParams()  # N=8192, [60, 50, 60], scale 2^50: what the key holder and the configs use
 

@@ -28,7 +28,7 @@ from hetrain.bench.harness.hostile_worker import serve
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.core import store
 from hetrain.mpc_ops.exchange.bundle import BatchRef, ExchangeStore
-from hetrain.core.config import load_config
+from hetrain.configure import load_config
 from hetrain.core.errors import HetrainError
 from hetrain.participants import audit
 

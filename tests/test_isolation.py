@@ -6,7 +6,7 @@ import pytest
 
 from hetrain.mpc_ops.crypto import ckks, isolation
 from hetrain.core.errors import BundleError, IsolatedLoadError
-from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.core.params import CkksParams
 
 
 @pytest.fixture

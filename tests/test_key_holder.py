@@ -14,8 +14,8 @@ import tenseal as ts
 from hetrain.mpc_ops.crypto import ckks, wire
 from hetrain.core.config import PolicyConfig
 from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
-from hetrain.mpc_ops.crypto.params import CkksParams
-from hetrain.mpc_ops.reveal.policy import LayerShape
+from hetrain.core.params import CkksParams
+from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.participants.key_holder import AUDIT_FILE, STATE_FILE, KeyHolder
 
@@ -30,7 +30,7 @@ def make_holder(directory: Path, *, shape=(64, 8), reveals=None, min_batch=32, b
         cipher_layers=["enc1"], reveals=reveals if reveals is not None else {"enc1": {}},
         min_batch=min_batch, flooding={"budget": budget},
     )
-    holder = KeyHolder.open_or_create(directory, CkksParams(), policy, {"enc1": LayerShape(*shape)})
+    holder = KeyHolder.open_or_create(directory, CkksParams(), policy, {"enc1": LinearShape(*shape)})
     return holder, ckks.load_public_context(holder.public_context(), expected_key_id=holder.key_id)
 
 
@@ -441,7 +441,7 @@ def test_open_or_create_refuses_parameters_over_the_128_bit_bound_and_writes_not
         r"ckks.coeff_mod_bit_sizes \[60, 60, 60, 60\] total 240 bits, over the 128-bit security bound of "
         r"218 bits for poly_modulus_degree=8192"
     )):
-        KeyHolder.open_or_create(directory, params, policy, {"enc1": LayerShape(64, 8)})
+        KeyHolder.open_or_create(directory, params, policy, {"enc1": LinearShape(64, 8)})
 
     # Assert
     assert not directory.exists()

@@ -21,11 +21,11 @@ import yaml
 
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.mpc_ops.reveal import frame as reveal_wire
-from hetrain.core.config import load_config
+from hetrain.configure import load_config
 from hetrain.core.errors import (BudgetExhausted, BundleError, ForeignKeyError, FrameError, KeyHolderRejected,
                             KeyHolderUnreachable, PolicyRefusal)
 from hetrain.mpc_ops.reveal.http_client import HttpKeyHolderClient
-from hetrain.mpc_ops.reveal.policy import cipher_layer_shapes
+from hetrain.core.shapes import cipher_layer_shapes
 from hetrain.mpc_ops.reveal.protocol import blind, unblind
 from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
 from hetrain.mpc_ops.reveal.token_file import read_token

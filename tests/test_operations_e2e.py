@@ -427,11 +427,11 @@ def test_context_record_writes_one_line_per_load_with_role_and_privacy(ckks_keys
 def test_context_record_is_off_without_the_variable_and_records_the_key_holders_own_load(tmp_path, monkeypatch):
     # Prepare
     from hetrain.core.config import PolicyConfig
-    from hetrain.mpc_ops.crypto.params import CkksParams
-    from hetrain.mpc_ops.reveal.policy import LayerShape
+    from hetrain.core.params import CkksParams
+    from hetrain.core.shapes import LinearShape
     from hetrain.participants.key_holder import KeyHolder
 
-    policy, shapes = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32), {"enc1": LayerShape(64, 8)}
+    policy, shapes = PolicyConfig(cipher_layers=["enc1"], reveals={"enc1": {}}, min_batch=32), {"enc1": LinearShape(64, 8)}
     monkeypatch.delenv(RECORD_DIR_ENV, raising=False)
     KeyHolder.open_or_create(tmp_path / "kh", CkksParams(), policy, shapes)  # created, not recorded
     monkeypatch.setenv(RECORD_DIR_ENV, str(tmp_path / "rec"))

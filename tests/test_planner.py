@@ -6,14 +6,14 @@ import pytest
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.mpc_ops.layers.cipher_layers import CipherLinear
 from hetrain.mpc_ops.layers.packing import PackingPlan
-from hetrain.mpc_ops.layers.planner import DEFAULT_COSTS, LayerShape, forward_counts, gradient_counts, plan_layer, price
+from hetrain.mpc_ops.layers.planner import DEFAULT_COSTS, PackingShape, forward_counts, gradient_counts, plan_layer, price
 from hetrain.mpc_ops.reveal.protocol import blind, unblind
 from hetrain.mpc_ops.crypto.tensors import EncryptedBatch, OwnerPart
 
 
 def test_rows_forward_needs_one_product_and_log2_seg_rotations_per_chunk_and_output():
     # Prepare: 30 features -> seg 32 -> 128 samples per ciphertext; 200 samples -> 2 chunks
-    shape = LayerShape(owners=(30,), out_features=8, batch=200, slots=4096)
+    shape = PackingShape(owners=(30,), out_features=8, batch=200, slots=4096)
     # Execute
     counts = forward_counts("rows", shape, 200)
     # Assert
@@ -24,7 +24,7 @@ def test_rows_forward_needs_one_product_and_log2_seg_rotations_per_chunk_and_out
 
 def test_column_forward_needs_d_scalar_products_and_no_rotation():
     # Prepare
-    shape = LayerShape(owners=(32, 32), out_features=8, batch=1000, slots=4096)
+    shape = PackingShape(owners=(32, 32), out_features=8, batch=1000, slots=4096)
     # Execute
     counts = forward_counts("column", shape, 1000)
     # Assert
@@ -35,7 +35,7 @@ def test_column_forward_needs_d_scalar_products_and_no_rotation():
 
 def test_cols_gradient_packs_every_chunk_before_one_rotate_and_sum_per_owner_and_output():
     # Prepare: two owners of 32 features -> T = 128; 512 samples -> 4 chunks per owner
-    shape = LayerShape(owners=(32, 32), out_features=4, batch=512, slots=4096)
+    shape = PackingShape(owners=(32, 32), out_features=4, batch=512, slots=4096)
     # Execute
     counts = gradient_counts("cols", shape, 512)
     # Assert
@@ -47,7 +47,7 @@ def test_cols_gradient_packs_every_chunk_before_one_rotate_and_sum_per_owner_and
 @pytest.mark.parametrize("batch, expected", [(64, "rows"), (2048, "column")])
 def test_planner_picks_rows_for_small_batches_and_column_for_large_ones(batch, expected):
     # Prepare
-    shape = LayerShape(owners=(30,), out_features=4, batch=batch, slots=4096)
+    shape = PackingShape(owners=(30,), out_features=4, batch=batch, slots=4096)
     # Execute
     plan = plan_layer(shape)
     # Assert: the choice is the cheapest executable candidate, and it is priced from its counts
@@ -60,7 +60,7 @@ def test_planner_picks_rows_for_small_batches_and_column_for_large_ones(batch, e
 
 def test_planner_honours_a_forced_layout_and_rejects_an_unknown_one():
     # Prepare
-    shape = LayerShape(owners=(30,), out_features=4, batch=64, slots=4096)
+    shape = PackingShape(owners=(30,), out_features=4, batch=64, slots=4096)
     # Execute / Assert
     assert plan_layer(shape, forward="column").chosen.forward == "column"
     with pytest.raises(ValueError, match="packing.forward must be 'auto', 'rows' or 'column'"):

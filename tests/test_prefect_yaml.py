@@ -66,7 +66,7 @@ def test_deployment_parameters_match_the_flows_signatures(project):
 
 def test_owner_deployments_run_on_their_own_pools_and_hold_their_table_path(project):
     # Prepare
-    from hetrain.core.config import load_config
+    from hetrain.configure import load_config
 
     deployments = _by_name(project)
     cfg, _ = load_config(REPO / "configs" / "breast_cancer_deployed.yaml")

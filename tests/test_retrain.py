@@ -136,7 +136,7 @@ def test_a_warm_started_retrain_keeps_the_layer_its_ancestors_froze_and_the_rank
     third = train_flow.train(str(config), str(run_dir), retrain=True)
     # Assert: every round of both retrains kept the layer frozen, so no sample saw new weights and the key
     # holder refused nothing; the count of training rounds carries across generations
-    from hetrain.core.config import load_config
+    from hetrain.configure import load_config
 
     limit = input_train_rounds(load_config(config)[0])
     assert limit == 4

@@ -9,9 +9,9 @@ import pytest
 
 from hetrain.engine import Model
 from hetrain.mpc_ops.crypto import ckks
-from hetrain.mpc_ops.reveal import flooding
+from hetrain.mpc_ops.crypto import flooding
 from hetrain.mpc_ops.layers.circuit import CipherOps, PlainOps, Val
-from hetrain.core.config import parse_config
+from hetrain.configure import parse_config
 from hetrain.mpc_ops.layers.tiled import Tiling
 from hetrain.mpc_ops.layers.tiled_net import build_net, plain_reveal
 

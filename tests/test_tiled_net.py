@@ -15,10 +15,10 @@ import yaml
 from hetrain.engine import Model
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.mpc_ops.layers.circuit import CipherOps, PlainOps, Val
-from hetrain.core.config import parse_config
+from hetrain.configure import parse_config
 from hetrain.mpc_ops.layers.depth_plan import chain_for_depth, circuit_depth
 from hetrain.core.errors import PolicyRefusal, SecurityParameterError
-from hetrain.mpc_ops.reveal.policy import reveal_shapes
+from hetrain.core.shapes import reveal_shapes
 from hetrain.mpc_ops.layers.polyact import fit
 from hetrain.mpc_ops.reveal.protocol import blind, unblind
 from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
@@ -303,7 +303,7 @@ def test_config_parsing_leaves_the_raw_mapping_unchanged():
     ("breast_cancer", 1, [60, 50, 60]),
 ])
 def test_shipped_configs_load_with_a_chain_deep_enough_for_their_circuit(name, depth, bits):
-    from hetrain.core.config import load_config
+    from hetrain.configure import load_config
 
     cfg, _ = load_config(REPO / "configs" / f"{name}.yaml")
     assert circuit_depth(cfg) == depth and cfg.ckks.coeff_mod_bit_sizes == bits

@@ -15,7 +15,7 @@ import numpy as np
 from hetrain.checkpoint import load_checkpoint
 from hetrain.runtime import PUBLIC_CONTEXT, RunPaths, Runtime, packing_plan
 from hetrain.core import store
-from hetrain.core.config import load_config
+from hetrain.configure import load_config
 from hetrain.mpc_ops.crypto.jobs import run_jobs
 from hetrain.participants import audit, data_owner
 

@@ -18,7 +18,7 @@ TRAINER = "trainer round (Runtime.context, ExchangeStore, run_jobs, labels)"
 KEY_HOLDER = "KeyHolder.reveal"
 OWNER = "data_owner.prepare"
 CHECKPOINT = "hetrain.checkpoint.load_checkpoint"
-CONFIG = "hetrain.core.config.load_config"
+CONFIG = "hetrain.configure.load_config"
 AUDIT = "hetrain.participants.audit.verify"
 
 

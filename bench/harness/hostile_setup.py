@@ -15,10 +15,11 @@ from hetrain.checkpoint import save_checkpoint
 from hetrain.runtime import PUBLIC_CONTEXT, RunPaths, packing_plan
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.core import store
-from hetrain.core.config import RunConfig, load_config
+from hetrain.configure import load_config
+from hetrain.core.config import RunConfig
 from hetrain.core.errors import PolicyRefusal
-from hetrain.mpc_ops.crypto.params import CkksParams
-from hetrain.mpc_ops.reveal.policy import cipher_layer_shapes
+from hetrain.core.params import CkksParams
+from hetrain.core.shapes import cipher_layer_shapes
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.participants import data_owner
 from hetrain.participants.key_holder import KeyHolder

@@ -1,16 +1,19 @@
-"""The run configuration: YAML validated once at the entry point by pydantic."""
+"""The run configuration's schema, validated once at the entry point by pydantic (cross-field rules: core/checks.py).
 
-import os
+Nothing here reads a file or imports above hetrain.core: loading the YAML, the environment
+overrides and the checks that need the circuit or the exchange store's protocols are in
+hetrain.configure, which calls `validate_config` and then those checks.
+"""
+
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hetrain.core import store
-from hetrain.core.errors import ConfigError, SecurityParameterError
-from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.core.checks import check_model
+from hetrain.core.errors import ConfigError
+from hetrain.core.params import CkksParams
 
 
 class _Strict(BaseModel):
@@ -178,11 +181,7 @@ class ExchangeConfig(_Strict):
             if self.storage_options:
                 raise ValueError("exchange.storage_options needs exchange.url (without a url the exchange store "
                                  "is the local folder RUN_DIR/exchange)")
-            return self
-        from hetrain.mpc_ops.exchange.remote import check_url  # that module imports the bundle reader, which imports this one
-
-        check_url(self.url)
-        return self
+        return self  # whether fsspec can open the url is checked by hetrain.configure (it imports fsspec)
 
 
 def check_service_url(url: str, key: str) -> None:
@@ -213,131 +212,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        _check_model(self)
+        check_model(self)
         return self
-
-
-def _check_model(cfg: RunConfig) -> None:
-    names = []
-    for i, layer in enumerate(cfg.model.layers):
-        if layer.kind == "linear" and (layer.name is None or layer.out_features is None):
-            raise ValueError(f"model.layers[{i}]: a linear layer needs 'name' and 'out_features'")
-        if layer.kind != "linear" and layer.out_features is not None:
-            raise ValueError(f"model.layers[{i}]: '{layer.kind}' takes no out_features")
-        if layer.kind not in ("poly_tanh", "poly_sigmoid") and (layer.degree is not None or layer.range is not None):
-            raise ValueError(f"model.layers[{i}]: '{layer.kind}' takes no degree or range (only poly_tanh, poly_sigmoid)")
-        if layer.name:
-            names.append(layer.name)
-    if len(set(names)) != len(names):
-        raise ValueError(f"model.layers: layer names must be unique, got {names}")
-    first = cfg.model.layers[0]
-    if first.kind != "linear":
-        raise ValueError("model.layers[0] must be linear: the encrypted input enters through it")
-    _check_policy_split(cfg)
-    _check_rank(cfg)
-    last = [layer for layer in cfg.model.layers if layer.kind == "linear"][-1]
-    want = 1 if cfg.model.loss == "binary_cross_entropy" else cfg.data.num_classes
-    if last.out_features != want:
-        raise ValueError(
-            f"model.layers: the last linear layer '{last.name}' must have out_features={want} "
-            f"for loss {cfg.model.loss} with num_classes={cfg.data.num_classes}; got {last.out_features}"
-        )
-    if (cfg.data.task == "binary") != (cfg.model.loss == "binary_cross_entropy"):
-        raise ValueError(f"model.loss {cfg.model.loss} does not fit data.task {cfg.data.task}")
-    if cfg.train.batch_size & (cfg.train.batch_size - 1):
-        raise ValueError(f"train.batch_size must be a power of two in [8, 4096]; got {cfg.train.batch_size}")
-    if cfg.policy.min_batch > cfg.train.batch_size:
-        raise ValueError(
-            f"policy.min_batch={cfg.policy.min_batch} exceeds train.batch_size={cfg.train.batch_size}; "
-            f"every gradient reveal would be refused"
-        )
-    owners = cfg.data.owners
-    labelled = [o.name for o in owners if o.label]
-    if cfg.data.partition == "vertical" and len(labelled) != 1:
-        raise ValueError(f"data.owners: exactly one owner must hold the labels (label: true); got {labelled}")
-    if cfg.data.partition == "horizontal":
-        if len(labelled) != len(owners):
-            raise ValueError("data.owners: in a horizontal split every owner holds labels (label: true)")
-        if len({tuple(o.features) for o in owners}) != 1:
-            raise ValueError("data.owners: in a horizontal split every owner must declare the same features")
-    if len({o.name for o in owners}) != len(owners):
-        raise ValueError("data.owners: owner names must be unique")
-    deployed = [o.name for o in owners if o.deployment is not None]
-    if deployed and cfg.report.plaintext_twin:
-        raise ValueError(
-            f"report.plaintext_twin must be false when owners run as deployments ({deployed}): the twin needs "
-            f"each owner's standardised plaintext on the trainer's side, which a deployed owner never sends"
-        )
-    _check_depth(cfg)
-
-
-def _check_policy_split(cfg: RunConfig) -> None:
-    """policy.cipher_layers is a prefix of the linear layers; reveals name its top (or nothing: strict);
-    the circuit fits the CKKS chain."""
-    layers = cfg.model.layers
-    linears = [layer.name for layer in layers if layer.kind == "linear"]
-    cipher = list(cfg.policy.cipher_layers)
-    if cipher != linears[: len(cipher)]:
-        raise ValueError(
-            f"policy.cipher_layers must be the first linear layers in model order (one of "
-            f"{[linears[:k] for k in range(1, len(linears) + 1)]}); got {cipher}")
-    top = next(i for i, layer in enumerate(layers) if layer.name == cipher[-1])
-    for i, layer in enumerate(layers[:top]):
-        if layer.kind not in ("linear", "square", "poly_tanh", "poly_sigmoid"):
-            raise ValueError(
-                f"model.layers[{i}]: '{layer.kind}' sits below the ciphertext layer '{cipher[-1]}'; only "
-                f"polynomial activations (square, poly_tanh, poly_sigmoid) run on ciphertext")
-    if not cfg.policy.reveals:
-        missing = [name for name in linears if name not in cipher]
-        if missing:
-            raise ValueError(
-                f"policy.reveals is empty (strict mode: no activation is revealed), so every linear layer "
-                f"must be in policy.cipher_layers; missing {missing}")
-    elif set(cfg.policy.reveals) != {cipher[-1]}:
-        raise ValueError(
-            f"policy.reveals must name ciphertext layers whose outputs may be revealed (allowed: "
-            f"[{cipher[-1]!r}], the last of policy.cipher_layers; or {{}} for strict mode); "
-            f"got {sorted(cfg.policy.reveals)}")
-
-
-def _check_depth(cfg: RunConfig) -> None:
-    """The circuit's counted depth fits the chain (or, with ckks.auto, picks it)."""
-    from hetrain.mpc_ops.layers.depth_plan import chain_for_depth, circuit_depth, uses_tiled
-
-    if uses_tiled(cfg) and cfg.policy.dp is not None:
-        raise ValueError(
-            "policy.dp is not supported with strict, mixed or encrypted-label policies yet (their revealed "
-            "gradients carry a gain that would divide the DP noise); remove policy.dp or use the hybrid policy")
-    if cfg.ckks.auto:
-        depth = circuit_depth(cfg)
-        try:
-            params = chain_for_depth(depth)
-        except SecurityParameterError as exc:
-            raise ValueError(str(exc)) from None
-        object.__setattr__(cfg, "ckks", CkksConfig(poly_modulus_degree=params.poly_modulus_degree,
-                                                   coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
-                                                   scale_bits=params.scale_bits, auto=True))
-        return
-    depth = circuit_depth(cfg) if uses_tiled(cfg) else len(cfg.policy.cipher_layers)
-    try:
-        cfg.ckks.params().validate(needed_depth=depth)
-    except SecurityParameterError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _check_rank(cfg: RunConfig) -> None:
-    from hetrain.mpc_ops.reveal.policy import reveal_shapes  # policy imports this module
-
-    for name, shape in reveal_shapes(cfg).items():
-        point = cfg.policy.reveals.get(name)
-        if point is None or point.allow_invertible or point.max_rank is None:
-            continue
-        if not shape.out_features <= point.max_rank < shape.in_features:
-            raise ValueError(
-                f"policy.reveals.{name}.max_rank must be in [{shape.out_features}, {shape.in_features - 1}] "
-                f"(at least out_features, so one reveal fits; below in_features, so the trainer never "
-                f"holds full rank); got {point.max_rank}"
-            )
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -380,76 +256,12 @@ def format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: dict, source: str = "config") -> RunConfig:
-    """Validate a config mapping; raise ConfigError listing every problem."""
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    """Validate a config mapping against the schema and the pure cross-checks; raise ConfigError listing
+    every problem. Not the whole check: hetrain.configure.parse_config also counts the circuit's depth."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from None
-
-
-MAX_CONFIG_BYTES = 1 << 20
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader without anchors and aliases: a config never needs them, and an alias bomb
-    (a few lines that expand to billions of nodes) would hang validation and error formatting."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise ConfigError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a config")
-        if getattr(self.peek_event(), "anchor", None) is not None:
-            mark = self.peek_event().start_mark
-            raise ConfigError(f"line {mark.line + 1}: YAML anchors (&name) are not allowed in a config")
-        return super().compose_node(parent, index)
-
-
-def load_config(path: str | Path) -> tuple[RunConfig, Path]:
-    """Read and validate a YAML config; owner paths are resolved relative to the config's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    source = store.read_bounded(path, MAX_CONFIG_BYTES, "config file", ConfigError)
-    try:
-        raw = yaml.load(source.decode("utf-8"), Loader=_NoAliasLoader)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except RecursionError:  # the composer recurses once per nesting level
-        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc)[:300]})") from None
-    try:
-        cfg = parse_config(_environment_overrides(raw), str(path))
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to validate") from None
-    owners = [o if o.path is None else o.model_copy(update={"path": (path.parent / o.path).resolve()})
-              for o in cfg.data.owners]
-    data = cfg.data.model_copy(update={"owners": owners})
-    files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()
-             if k in KEY_HOLDER_FILES and v is not None}
-    key_holder = cfg.key_holder.model_copy(update=files)
-    exchange = cfg.exchange
-    if exchange.url is not None and "://" not in exchange.url:  # a plain folder, relative to the config's
-        exchange = exchange.model_copy(update={"url": str((path.parent / exchange.url).resolve())})
-    return cfg.model_copy(update={"data": data, "key_holder": key_holder, "exchange": exchange}), path.resolve()
-
-
-KEY_HOLDER_FILES = ("token_file", "tls_ca", "tls_cert", "tls_key")
-# Deployment overrides: the same config file can train in-process or against a service.
-KEY_HOLDER_ENV = {"HETRAIN_KEY_HOLDER_URL": "url", "HETRAIN_KEY_HOLDER_TOKEN_FILE": "token_file"}
-
-
-def _environment_overrides(raw):
-    """key_holder.url and key_holder.token_file from the environment, when set (files relative to the cwd)."""
-    updates = {key: os.environ[env] for env, key in KEY_HOLDER_ENV.items() if os.environ.get(env)}
-    if not updates or not isinstance(raw, dict):
-        return raw
-    if "token_file" in updates:
-        updates["token_file"] = str(Path(updates["token_file"]).resolve())
-    section = raw.get("key_holder")
-    return {**raw, "key_holder": {**(section if isinstance(section, dict) else {}), **updates}}

@@ -10,7 +10,7 @@ import tenseal as ts
 
 from hetrain.mpc_ops.crypto import context_record, isolation, wire
 from hetrain.core.errors import BundleError, ForeignKeyError, SecurityParameterError
-from hetrain.mpc_ops.crypto.params import CkksParams
+from hetrain.core.params import CkksParams
 from hetrain.mpc_ops.crypto.seal_format import CiphertextLayout
 
 

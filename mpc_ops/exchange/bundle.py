@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrain.core import npyfile, store
+from hetrain.core import npyfile, shapes, store
 from hetrain.core.config import RunConfig
 from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError
 from hetrain.mpc_ops.layers.packing import PackingPlan
@@ -96,12 +96,9 @@ class ExchangeStore:
         self._labels: dict[tuple[str, str], np.ndarray] = {}
         self._id_cache: dict[tuple[str, str], list[str]] = {}
         self.manifests = {o.name: self._manifest(o.name, key_id) for o in cfg.data.owners}
-        self.feature_index, offset = {}, 0
-        for o in cfg.data.owners:
-            width = len(o.features)
-            self.feature_index[o.name] = np.arange(offset, offset + width)
-            if cfg.data.partition == "vertical":
-                offset += width
+        offsets = shapes.feature_offsets(cfg)
+        self.feature_index = {o.name: np.arange(offsets[o.name], offsets[o.name] + len(o.features))
+                              for o in cfg.data.owners}
         if cfg.data.partition == "vertical":
             self._check_alignment()
 

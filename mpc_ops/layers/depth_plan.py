@@ -1,7 +1,7 @@
 """CKKS parameters for the circuit a policy implies: count its depth, pick a chain, or refuse.
 
 The depth is counted, not estimated: one training step of the configured network runs on the
-numpy engine (mpc_ops/circuit.py), which charges a level exactly where the ciphertext engine
+numpy engine (mpc_ops/layers/circuit.py), which charges a level exactly where the ciphertext engine
 rescales. The chain is then [60, 50 × depth, 60] at scale 2^50 (10 bits of headroom above the
 scale in the last prime, a 60-bit special prime), in the smallest ring whose 128-bit bound
 admits it: N = 8192 up to depth 1 (170 of 218 bits), N = 16384 up to depth 6 (420 of 438).
@@ -10,37 +10,24 @@ admits it: N = 8192 up to depth 1 (170 of 218 bits), N = 16384 up to depth 6 (42
 import numpy as np
 
 from hetrain.core.errors import SecurityParameterError
-from hetrain.mpc_ops.crypto.params import MAX_MODULUS_BITS, CkksParams
+from hetrain.core.params import MAX_MODULUS_BITS, CkksParams
+from hetrain.core.shapes import block_width, linear_shapes, uses_tiled
+from hetrain.mpc_ops.layers.circuit import PlainOps
+from hetrain.mpc_ops.layers.model import Model  # the trainer's model definition: the same layers as a run
+from hetrain.mpc_ops.layers.tiled import Tiling
+from hetrain.mpc_ops.layers.tiled_net import Inputs, build_net
 
 SCALE_BITS = 50
 EDGE_BITS = 60
 MAX_DEPTH = {n: (MAX_MODULUS_BITS[n] - 2 * EDGE_BITS) // SCALE_BITS for n in (8192, 16384)}
 
 
-def uses_tiled(cfg) -> bool:
-    """Whether the policy needs the tiled engine: more than the first layer on ciphertext, no
-    activation reveal (strict), or encrypted labels. Otherwise the depth-1 hybrid path runs."""
-    first = cfg.model.layers[0].name
-    return cfg.policy.cipher_layers != [first] or not cfg.policy.reveals or cfg.policy.labels == "encrypted"
-
-
-def block_width(batch_size: int) -> int:
-    return 1 << max(0, batch_size - 1).bit_length()
-
-
 def circuit_depth(cfg) -> int:
     """Levels one training step consumes (the deepest revealed value), counted on the numpy engine."""
     if not uses_tiled(cfg):
         return 1
-    from hetrain.engine import Model  # the trainer's model definition: the same layers as a run
-
-    from hetrain.mpc_ops.layers.circuit import PlainOps
-    from hetrain.mpc_ops.layers.tiled import Tiling
-    from hetrain.mpc_ops.layers.tiled_net import Inputs, build_net
-
-    model = Model(cfg)
     n = block_width(cfg.train.batch_size)
-    widths = [layer.W.shape[0] for layer in [model.input] + list(model.body.layers) if hasattr(layer, "W")]
+    widths = [shape.in_features for shape in linear_shapes(cfg).values()]
     tiling = Tiling(n * (1 << max(widths).bit_length()), n)
     ops, rng = PlainOps(tiling.slots), np.random.default_rng(0)
     m, d = n, widths[0]
@@ -58,7 +45,7 @@ def circuit_depth(cfg) -> int:
         deepest[0] = max([deepest[0]] + [v.depth for v in r.vals])
         return np.stack([np.asarray(v.v)[: r.stride * r.count : r.stride] for v in r.vals], axis=1)
 
-    build_net(cfg, model, tiling).step(ops, inputs, reveal)
+    build_net(cfg, Model(cfg), tiling).step(ops, inputs, reveal)
     return deepest[0]
 
 

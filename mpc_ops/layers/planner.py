@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from hetrain.core import shapes
 from hetrain.mpc_ops.layers.packing import PackingPlan, next_pow2
 
 # Seconds per operation on this project's machine (TenSEAL 0.3.18, N=8192, one core), measured by
@@ -37,11 +38,19 @@ DEFAULT_COSTS = {
 
 
 @dataclass(frozen=True)
-class LayerShape:
+class PackingShape:
+    """The hybrid's ciphertext layer as the planner sees it: which owners meet in one batch."""
+
     owners: tuple[int, ...]  # feature count per owner whose ciphertexts meet in one batch
     out_features: int
     batch: int  # samples per training batch
     slots: int
+
+
+def packing_shape(cfg) -> PackingShape:
+    """The configured first (ciphertext) layer's PackingShape."""
+    first = cfg.model.layers[0]
+    return PackingShape(shapes.owner_widths(cfg), first.out_features, cfg.train.batch_size, shapes.slots(cfg))
 
 
 @dataclass
@@ -59,7 +68,7 @@ class Plan:
     candidates: list[Candidate] = field(default_factory=list)
     costs: dict = field(default_factory=dict)
 
-    def packing(self, shape: LayerShape) -> PackingPlan:
+    def packing(self, shape: PackingShape) -> PackingPlan:
         return PackingPlan(slots=shape.slots, seg=next_pow2(max(shape.owners)), forward=self.chosen.forward)
 
     def table(self) -> list[dict]:
@@ -83,7 +92,7 @@ def _segment_sum(counts: Counter, width: int) -> None:
     counts["deserialize"] += 2
 
 
-def forward_counts(layout: str, shape: LayerShape, n: int) -> Counter:
+def forward_counts(layout: str, shape: PackingShape, n: int) -> Counter:
     """Operations of one forward pass over an n-sample batch, reveal included."""
     c = Counter()
     owners, h, slots = shape.owners, shape.out_features, shape.slots
@@ -111,7 +120,7 @@ def forward_counts(layout: str, shape: LayerShape, n: int) -> Counter:
     return c
 
 
-def gradient_counts(layout: str, shape: LayerShape, n: int) -> Counter:
+def gradient_counts(layout: str, shape: PackingShape, n: int) -> Counter:
     """Operations of one gradient X^T·δ over an n-sample batch, reveal included."""
     c = Counter()
     owners, h, slots = shape.owners, shape.out_features, shape.slots
@@ -151,7 +160,7 @@ def price(counts: Counter, costs: dict) -> float:
     return sum(costs[op] * k for op, k in counts.items())
 
 
-def plan_layer(shape: LayerShape, costs: dict | None = None, forward: str = "auto") -> Plan:
+def plan_layer(shape: PackingShape, costs: dict | None = None, forward: str = "auto") -> Plan:
     """Price every candidate for one training batch and choose the cheapest executable one."""
     costs = {**DEFAULT_COSTS, **(costs or {})}
     candidates = []
@@ -174,8 +183,8 @@ def choose_ckks_params(security_bits: int, budget: int, max_sigma: float, headro
     flooding σ = 2^(s/2)·sqrt(12τ)·B; the candidate is `ok` when σ <= max_sigma (the flooding
     noise, before gains, that training tolerates).
     """
-    from hetrain.mpc_ops.reveal.flooding import error_bound, flood_sigma
-    from hetrain.mpc_ops.crypto.params import MAX_MODULUS_BITS, CkksParams
+    from hetrain.mpc_ops.crypto.flooding import error_bound, flood_sigma
+    from hetrain.core.params import MAX_MODULUS_BITS, CkksParams
 
     rows = []
     for n in (4096, 8192, 16384):

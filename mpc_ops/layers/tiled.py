@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetrain.core import shapes
 from hetrain.core.errors import ConfigError
 
 
@@ -69,3 +70,11 @@ class Tiling:
     def read(self, slots: np.ndarray, count: int) -> np.ndarray:
         """Block sums as left by a rotate-and-sum: slot j·n for j < count."""
         return np.asarray(slots)[: self.n * count : self.n]
+
+
+def tiling_for(cfg) -> Tiling:
+    """The configured run's tiling, after checking that the input and every layer's output fit its blocks."""
+    tiling = Tiling(shapes.slots(cfg), shapes.block_width(cfg.train.batch_size))
+    for what, width in shapes.tiled_widths(cfg).items():
+        tiling.check_width(width, what)
+    return tiling

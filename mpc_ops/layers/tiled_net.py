@@ -13,7 +13,7 @@ are means: the factor is folded into a public multiplier (a block mask, a weight
 coefficient) at no extra level and divided out after the reveal. The CKKS error of a reveal is a
 part relative to the values (≈ 2^-29·|v|, growing with depth) plus the rotations' key-switching
 noise (≈ 2^-28, absolute); values of a few units balance the two, which keeps B, hence σ,
-smallest relative to the signal (mpc_ops/flooding.py).
+smallest relative to the signal (mpc_ops/crypto/flooding.py).
 
 Depth (levels consumed) of each value is tracked by `circuit.Val`; `circuit_depth` runs a
 step on the numpy engine to count it, which is what the planner checks against the chain.

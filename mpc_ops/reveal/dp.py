@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from hetrain.core.config import DpConfig
-from hetrain.mpc_ops.reveal.flooding import gaussian
+from hetrain.mpc_ops.crypto.flooding import gaussian
 from hetrain.mpc_ops.layers.packing import FEATURE_CLIP
 
 

@@ -18,7 +18,8 @@ from hetrain.mpc_ops.reveal import dp
 from hetrain.core import store
 from hetrain.core.config import PolicyConfig
 from hetrain.core.errors import BundleError, PolicyRefusal
-from hetrain.mpc_ops.reveal.policy import LayerShape, rank_limit
+from hetrain.core.shapes import LinearShape
+from hetrain.mpc_ops.reveal.policy import rank_limit
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
 
 LEDGER_FILE = "reveal_ledger.json"
@@ -28,7 +29,7 @@ MAX_ROWS = 1 << 16
 
 
 class RevealLedger:
-    def __init__(self, path: Path, policy: PolicyConfig, shapes: dict[str, LayerShape]):
+    def __init__(self, path: Path, policy: PolicyConfig, shapes: dict[str, LinearShape]):
         self.path, self.policy, self.shapes = Path(path), policy, shapes
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
         if not isinstance(data, dict):

@@ -14,7 +14,7 @@ import numpy as np
 import tenseal as ts
 
 from hetrain.mpc_ops.crypto import ckks, wire
-from hetrain.mpc_ops.reveal import flooding
+from hetrain.mpc_ops.crypto import flooding
 from hetrain.core.errors import BundleError
 from hetrain.mpc_ops.crypto.seal_format import CiphertextLayout
 from hetrain.mpc_ops.crypto.tensors import EncryptedTensor

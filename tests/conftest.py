@@ -1,10 +1,22 @@
-"""Shared fixtures: one Prefect test harness per session, under a temporary PREFECT_HOME.
+"""Shared fixtures, test tiers and the xdist schedule.
+
+Each test has a tier (tests/tiers.py): `unit` (the default: no TenSEAL contexts, no Prefect),
+`integration` (TenSEAL keys or Prefect, no full training run) or `e2e` (full training runs, `hetrain`
+subprocesses, servers). The collection hook below derives it from the test's `integration`/`e2e` marks and
+the fixtures it uses (`prefect_harness`, `ckks_keys`: integration; `bc_run`: e2e), and adds it as a mark,
+so `-m unit` selects the unit tier (`make test-unit`). Unit tests run under a guard that fails them if they
+build a TenSEAL context or run Prefect, so a mislabelled test is caught rather than slowing the tier.
 
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`, see pyproject.toml).
 Each worker is its own session: it imports this file, so it gets its own PREFECT_HOME and its own
-harness. The hooks below keep every module on one worker (module fixtures run once), keep the
-modules that share `bc_run` together (the 4-round run is trained once), and send the longest
-modules first so the two workers finish together.
+harness. For `--dist loadfile` the `pytest_xdist_make_scheduler` hook returns tests/schedule.py's
+GroupScheduling, which implements xdist's public scheduler protocol itself (no xdist class is subclassed,
+no private method overridden). It sends one module at a time to a worker (module fixtures run once),
+keeps the BC_RUN_MODULES together as one unit (they share `bc_run`, whose 4-round run is then trained
+once), and sends the longest unit first, by the seconds per module in tests/durations.json, so the two
+workers finish together. `make test-durations` (`pytest --store-durations`) rewrites that file from a
+full run. (xdist's own `--dist loadgroup` with `xdist_group` marks does not work here: pytest-xdist 3.8.0,
+the newest, tags the group onto `item._nodeid`, which pytest 9 no longer reads (`Node.nodeid` is `_id`).)
 """
 
 import os
@@ -15,6 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.schedule import DurationRecorder, GroupScheduling, load_durations
+from tests.tiers import tier_of, unit_guard
+
 _PREFECT_HOME = tempfile.mkdtemp(prefix="hetrain-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -23,56 +38,55 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Test modules, longest first (seconds per module with `-n 2` on 2 cores; the rest take under ~15 s
-# each and follow in their usual order). The modules using `bc_run` are one unit, BC_RUN.
-LONGEST_FIRST = [
-    "test_policy_runs",           # ~220 s
-    "BC_RUN",                     # ~210 s
-    "test_faults",                # ~150 s
-    "test_operations_e2e",        # ~110 s
-    "test_bench",                 # ~105 s
-    "test_strict_flooding",       # ~80 s
-    "test_bench_hostile",         # ~80 s
-    "test_key_holder_service",    # ~75 s
-    "test_exchange_url",          # ~60 s
-    "test_dask",                  # ~45 s
-    "test_key_holder",            # ~35 s
-    "test_tiled_net",             # ~35 s
-    "test_serve",                 # ~30 s
-    "test_hostile_inputs",        # ~20 s
-    "test_reveal_ledger",         # ~15 s
-    "test_tutorial_lr",           # ~15 s
-]
-BC_RUN_MODULES = {"test_cli", "test_flows", "test_retrain"}  # run on one worker, so `bc_run` is trained once
+BC_RUN_MODULES = {"test_cli", "test_flows", "test_retrain"}  # one xdist unit, so `bc_run` is trained once
 
 
-def _group(module: str) -> str:
-    return "BC_RUN" if module in BC_RUN_MODULES else module
+def _group(module_file: str) -> str:
+    stem = Path(module_file).stem
+    return "BC_RUN" if stem in BC_RUN_MODULES else module_file
 
 
-@pytest.hookimpl(tryfirst=True)
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each module's seconds to tests/durations.json (the xdist schedule reads it); "
+                          "whole modules only, so not with -m or -k")
+
+
+def pytest_configure(config):
+    if not config.getoption("store_durations") or hasattr(config, "workerinput"):
+        return  # workers send their reports to the controller, which records them
+    if config.getoption("markexpr") or config.getoption("keyword"):
+        raise pytest.UsageError("--store-durations records whole modules: run it without -m or -k")
+    config.pluginmanager.register(DurationRecorder(), "hetrain-durations")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m deselection, which reads the tier marks added here
 def pytest_collection_modifyitems(config, items):
-    """Put the longest modules first (each worker collects, and the scheduler keeps this order)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item.module.__name__), len(rank)))  # stable
+    """Mark each test with its tier; warn when a module using `bc_run` is not in BC_RUN_MODULES."""
+    for item in items:
+        item.add_marker(tier_of(item))
     unlisted = {item.module.__name__ for item in items if "bc_run" in getattr(item, "fixturenames", ())} - BC_RUN_MODULES
     if unlisted:
         warnings.warn(pytest.PytestWarning(f"add {sorted(unlisted)} to BC_RUN_MODULES in tests/conftest.py, "
                                            "or each xdist worker trains bc_run once"))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Run unit tests (setup, call and teardown) under tests/tiers.py's unit_guard."""
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    with unit_guard(item.nodeid):
+        return (yield)
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, with the BC_RUN_MODULES as one unit (xdist_group marks are not honoured with
-    pytest 9.2: xdist tags them onto item._nodeid, which pytest no longer reads)."""
+    """`--dist loadfile` as GroupScheduling: whole modules, the BC_RUN_MODULES as one unit, longest first."""
     if config.getvalue("dist") != "loadfile":
         return None
-    from xdist.scheduler import LoadFileScheduling
+    from xdist.workermanage import parse_tx_spec_config
 
-    class ModuleGroups(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _group(Path(nodeid.split("::", 1)[0]).stem)
-
-    return ModuleGroups(config, log)
+    return GroupScheduling(len(parse_tx_spec_config(config)), _group, load_durations(), log)
 
 
 @pytest.fixture(scope="session")

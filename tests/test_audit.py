@@ -16,6 +16,8 @@ from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.participants.audit import AuditError, verify
 from hetrain.participants.key_holder import KeyHolder
 
+pytestmark = pytest.mark.integration  # a key holder's keys
+
 
 @pytest.fixture
 def run_dir(tmp_path):

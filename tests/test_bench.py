@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs every benchmark workload
+
 REQUIRED = {
     "speedup_vs_tutorial_layout": (int, float), "lr_test_accuracy": float, "tutorial_layout_test_accuracy": float,
     "digits_twin_accuracy_gap_points": (int, float), "floor_ratio": float, "scaling_exponent": float,

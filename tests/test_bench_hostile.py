@@ -4,6 +4,8 @@ import pytest
 
 from hetrain.bench.harness.hostile import run_bad_inputs
 
+pytestmark = pytest.mark.e2e  # the hostile-input benchmark, loader subprocesses
+
 
 @pytest.mark.slow
 def test_run_bad_inputs_rejects_every_bad_input_cleanly_without_a_crash(tmp_path):

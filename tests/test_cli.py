@@ -8,6 +8,8 @@ import yaml
 from hetrain.cli import main
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.e2e  # `hetrain train` runs and resumes
+
 
 def test_unknown_config_key_is_named_with_the_allowed_keys(tmp_path, demo_data, capsys):
     # Prepare

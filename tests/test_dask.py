@@ -10,6 +10,8 @@ from hetrain.configure import parse_config
 from hetrain.core.errors import ConfigError
 from tests.conftest import REPO, write_config
 
+pytestmark = pytest.mark.e2e  # a full training run on a Dask cluster
+
 
 def test_dask_address_must_be_a_scheduler_url():
     raw = yaml.safe_load((REPO / "configs" / "breast_cancer.yaml").read_text())

@@ -267,6 +267,7 @@ def test_a_plain_folder_is_resolved_against_the_config_and_storage_options_need_
 
 
 # ---- end to end ---------------------------------------------------------------------------
+@pytest.mark.e2e  # a full training run
 def test_training_through_a_shared_folder_url_matches_its_twin(prefect_harness, demo_data, tmp_path):
     # Prepare: the shipped config, its exchange store a file:// URL outside the run directory
     from hetrain.train_flow import train
@@ -347,6 +348,7 @@ def test_an_s3_bucket_serves_as_the_exchange_store_and_another_party_tampering_i
         remote.mirror_owner("clinic_a", tmp_path / "fresh")
 
 
+@pytest.mark.e2e  # a full training run
 def test_training_through_an_s3_bucket_matches_its_twin(prefect_harness, demo_data, s3_endpoint, tmp_path):
     # Prepare: the shipped config with its exchange store in a bucket
     from hetrain.train_flow import train

@@ -14,6 +14,8 @@ import pytest
 from hetrain.core import failpoints, store
 from hetrain.core.errors import ConfigError
 
+pytestmark = pytest.mark.e2e  # killed and resumed training runs
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -174,6 +174,7 @@ def measured_error():
     return worst
 
 
+@pytest.mark.integration  # TenSEAL keys
 @pytest.mark.parametrize("terms", [32, 128])
 def test_measured_ckks_error_of_product_and_segment_sum_stays_below_the_error_bound(measured_error, terms):
     # Prepare
@@ -185,6 +186,7 @@ def test_measured_ckks_error_of_product_and_segment_sum_stays_below_the_error_bo
     )
 
 
+@pytest.mark.integration  # TenSEAL keys
 @pytest.mark.parametrize("terms", [32, 128])
 def test_measured_ckks_error_is_far_below_the_1e_6_the_layer_tests_allow(measured_error, terms):
     # Assert: the worst key seen (25 keys × 8 ciphertexts) gave 2^-28.7 ≈ 2.3e-9, so 1e-7 leaves 40x margin

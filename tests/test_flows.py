@@ -9,6 +9,8 @@ import yaml
 
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.e2e  # full training runs
+
 
 def test_train_flow_writes_metrics_with_documented_keys(bc_run):
     # Prepare

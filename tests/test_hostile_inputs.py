@@ -32,6 +32,8 @@ from hetrain.configure import load_config
 from hetrain.core.errors import HetrainError
 from hetrain.participants import audit
 
+pytestmark = pytest.mark.integration  # TenSEAL keys, loader worker processes
+
 # The unit suite runs 60 fixed examples per loader; HETRAIN_FUZZ_EXAMPLES=2000 runs a longer, random campaign.
 CAMPAIGN = os.environ.get("HETRAIN_FUZZ_EXAMPLES")
 SETTINGS = settings(max_examples=int(CAMPAIGN or 60), deadline=None, derandomize=CAMPAIGN is None, database=None,

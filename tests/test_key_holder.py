@@ -19,6 +19,8 @@ from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.participants.key_holder import AUDIT_FILE, STATE_FILE, KeyHolder
 
+pytestmark = pytest.mark.integration  # TenSEAL keys
+
 REPO = Path(__file__).resolve().parent.parent
 SLOTS = CkksParams().slots
 VALUES = np.array([0.5, -1.25, 3.0, 7.75])  # what every test ciphertext holds in slots 0..3

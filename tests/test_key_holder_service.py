@@ -31,6 +31,8 @@ from hetrain.mpc_ops.crypto.tensors import EncryptedTensor
 from hetrain.mpc_ops.reveal.token_file import read_token
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.e2e  # the key-holder service as a subprocess
+
 REPO = Path(__file__).resolve().parent.parent
 SLOTS = 4096
 VALUES = np.array([0.5, -1.25, 3.0, 7.75])  # what every test ciphertext holds in slots 0..3

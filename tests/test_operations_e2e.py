@@ -45,6 +45,8 @@ from tests.prefect_server import (
     wait_healthy,
 )
 
+pytestmark = pytest.mark.e2e  # a Prefect server, workers and the key-holder service
+
 TRAIN = "train/breast-cancer-deployed"
 OWNERS = {"clinic_a": "prepare-owner-bundle/clinic-a", "clinic_b": "prepare-owner-bundle/clinic-b"}
 ROUNDS = 2

@@ -34,6 +34,7 @@ def fake_deployments(monkeypatch, tables: dict[str, dict]) -> list:
     return calls
 
 
+@pytest.mark.e2e  # a full training run
 def test_training_with_deployed_owners_passes_no_raw_path_and_uses_their_bundles(prefect_harness, demo_data,
                                                                                 tmp_path, monkeypatch):
     # Prepare

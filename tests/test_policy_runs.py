@@ -14,6 +14,8 @@ import yaml
 
 from conftest import REPO
 
+pytestmark = pytest.mark.e2e  # full training runs
+
 
 def config(tmp: Path, demo: Path, name: str, **overrides) -> Path:
     raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())

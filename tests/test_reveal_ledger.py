@@ -31,6 +31,7 @@ def activation(holder, public, rows, w):
     return make_request(holder, public, kind="activation", n_blobs=1, rows=rows, weights=w)
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_fifteenth_distinct_weights_for_the_same_rows_are_refused_at_the_rank_limit(holder30):
     # Prepare: 2 rows × 2 outputs = 4 values per request; 14 × 2 = 28 <= 29 combinations allowed
     holder, public = holder30
@@ -54,6 +55,7 @@ def test_fifteenth_distinct_weights_for_the_same_rows_are_refused_at_the_rank_li
     holder.reveal(activation(holder, public, row_ids(2, start=100), weights(14)))
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_a_row_shared_with_an_exhausted_batch_is_refused_even_in_a_new_batch(holder30):
     # Prepare: row 0 reaches 14 weights in batch {0, 1}
     holder, public = holder30
@@ -65,6 +67,7 @@ def test_a_row_shared_with_an_exhausted_batch_is_refused_even_in_a_new_batch(hol
         holder.reveal(activation(holder, public, [row_ids(1)[0], row_ids(1, start=50)[0]], weights(99)))
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_a_lower_max_rank_is_enforced(tmp_path):
     # Prepare: max_rank 4 with 2 outputs allows 2 distinct weights
     holder, public = make_holder(tmp_path / "kh", shape=(30, 2), reveals={"enc1": {"max_rank": 4}})
@@ -76,6 +79,7 @@ def test_a_lower_max_rank_is_enforced(tmp_path):
         holder.reveal(activation(holder, public, row_ids(2), weights(2)))
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_the_ledger_survives_a_reopen_and_a_key_rotation(holder30, tmp_path):
     # Prepare
     holder, public = holder30
@@ -101,6 +105,7 @@ def test_the_ledger_survives_a_reopen_and_a_key_rotation(holder30, tmp_path):
     ({"rows": ["zz"] * 2}, BundleError, r"'rows' must be a list of at most 65536 hex sample pseudonyms"),
     ({"rows": [row_ids(1)[0]] * 2}, BundleError, r"'rows' names 1 sample\(s\) twice"),
 ], ids=["too_few_rows", "no_rows", "no_weights", "not_hex", "duplicate"])
+@pytest.mark.integration  # TenSEAL keys
 def test_an_activation_request_must_name_its_rows_and_weights(holder30, change, error, message):
     # Prepare
     holder, public = holder30
@@ -114,6 +119,7 @@ def test_an_activation_request_must_name_its_rows_and_weights(holder30, change, 
     assert holder.decryptions_used == 0
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_a_gradient_must_name_as_many_rows_as_it_aggregates(keys_default):
     holder, public = keys_default
     with pytest.raises(PolicyRefusal, match=r"'undeclared_rows'.*a gradient over 64 samples must name those 64 rows; it names 10"):
@@ -150,6 +156,7 @@ def test_clip_rows_bounds_each_samples_loss_gradient():
     np.testing.assert_allclose(clipped[1], grad[1])
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_key_holder_adds_dp_noise_of_the_stated_sigma_to_gradients_and_reports_epsilon(tmp_path):
     # Prepare: a large σ_dp so the flooding noise (≈0.2) is negligible next to it
     holder, public = make_holder(tmp_path / "kh", shape=(64, 8))
@@ -171,6 +178,7 @@ def test_key_holder_adds_dp_noise_of_the_stated_sigma_to_gradients_and_reports_e
     assert summary["dp_epsilon"] == pytest.approx(round(dp.epsilon(holder.policy.dp, 1), 4))
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_without_dp_gradients_carry_only_the_flooding_noise(keys_default):
     holder, public = keys_default
     request = make_request(holder, public, kind="gradient", aggregate=32)

@@ -6,6 +6,8 @@ import pytest
 
 from hetrain.cli import main
 
+pytestmark = pytest.mark.e2e  # `hetrain serve` subprocesses
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "breast_cancer.yaml")
 

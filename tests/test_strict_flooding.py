@@ -17,6 +17,8 @@ from hetrain.mpc_ops.layers.tiled_net import build_net, plain_reveal
 
 from test_tiled_net import N_BATCH, batch, holder_for, inputs, load
 
+pytestmark = pytest.mark.integration  # TenSEAL keys, several deep circuits
+
 KEYS = 3
 WEIGHT_SCALES = (1.0, 1.5)  # initial weights, and weights grown 1.5x as a few rounds of training make them
 MARGIN = 2.0  # the bound must hold the worst measured error at least this many times over (as for the

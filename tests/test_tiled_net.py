@@ -26,6 +26,8 @@ from hetrain.mpc_ops.layers.tiled import Tiling
 from hetrain.mpc_ops.layers.tiled_net import Inputs, Reveal, build_net, plain_reveal, poly_derivative, poly_forward
 from hetrain.participants.key_holder import KeyHolder
 
+pytestmark = pytest.mark.integration  # TenSEAL keys
+
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 N_BATCH = 64

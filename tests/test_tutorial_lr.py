@@ -42,6 +42,7 @@ def numpy_epoch(weight, bias, x, y):
     return w - (delta_w / n + w * WEIGHT_DECAY), b - delta_b / n
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_one_epoch_returns_every_key_with_positive_timings(small_split):
     # Prepare
     x_train, y_train, x_test, y_test = small_split
@@ -61,6 +62,7 @@ def test_one_epoch_returns_every_key_with_positive_timings(small_split):
     assert result["accuracy_per_epoch"] == [result["test_accuracy"]]
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_default_context_has_the_tutorial_parameters():
     # Prepare / Execute
     ctx = make_context()
@@ -71,6 +73,7 @@ def test_default_context_has_the_tutorial_parameters():
     assert ts.ckks_vector(ctx, [1.0, 2.0]).decrypt() == pytest.approx([1.0, 2.0], abs=1e-2)
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_encrypted_epoch_matches_the_numpy_update_rule(small_split):
     # Prepare: 10 samples keep the N=16384 epoch near 3 s
     x_train, y_train = small_split[0][:10], small_split[1][:10]

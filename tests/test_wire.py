@@ -10,6 +10,8 @@ import zstandard
 from hetrain.mpc_ops.crypto import ckks, seal_format, wire
 from hetrain.core.errors import BundleError
 
+pytestmark = pytest.mark.integration  # TenSEAL contexts
+
 SLOTS = 4096
 SUM_ATOL = 1e-6  # CKKS error of log2(seg) rotations at scale 2^50 is ~2^-30; 1e-6 leaves ~1000x margin
 

@@ -55,8 +55,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if not config.getoption("store_durations") or hasattr(config, "workerinput"):
         return  # workers send their reports to the controller, which records them
-    if config.getoption("markexpr") or config.getoption("keyword"):
-        raise pytest.UsageError("--store-durations records whole modules: run it without -m or -k")
+    if config.getoption("markexpr") or config.getoption("keyword") or any("::" in arg for arg in config.args):
+        raise pytest.UsageError("--store-durations records whole modules: run it without -m, -k or test ids")
     config.pluginmanager.register(DurationRecorder(), "hetrain-durations")
 
 

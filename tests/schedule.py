@@ -132,7 +132,7 @@ class GroupScheduling:
 
 class DurationRecorder:
     """Plugin for the controlling process: sums each module's setup, call and teardown seconds and, at the
-    end of the session, merges them into tests/durations.json (modules that did not run keep their figure)."""
+    end of a passing session, merges them into tests/durations.json (modules that did not run keep theirs)."""
 
     def __init__(self, path: Path = DURATIONS) -> None:
         self.path = path
@@ -142,8 +142,8 @@ class DurationRecorder:
         module = module_of(report.nodeid)
         self.seconds[module] = self.seconds.get(module, 0.0) + report.duration
 
-    def pytest_sessionfinish(self, session) -> None:
-        if not self.seconds:
-            return
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        if exitstatus != 0 or not self.seconds:
+            return  # a failed or interrupted run may have stopped part-way through a module
         merged = load_durations(self.path) | {m: round(s, 1) for m, s in self.seconds.items()}
         self.path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")

@@ -8,8 +8,6 @@ import yaml
 from hetrain.cli import main
 from tests.conftest import write_config
 
-pytestmark = pytest.mark.e2e  # `hetrain train` runs and resumes
-
 
 def test_unknown_config_key_is_named_with_the_allowed_keys(tmp_path, demo_data, capsys):
     # Prepare
@@ -150,6 +148,7 @@ def test_resume_with_a_changed_model_is_refused_and_keeps_checkpoints(bc_run, tm
     assert latest_checkpoint(copy / "checkpoints") == before
 
 
+@pytest.mark.e2e  # `hetrain train` in a subprocess
 @pytest.mark.slow
 def test_a_failed_run_prints_one_error_line_and_no_traceback_in_a_fresh_process(tmp_path, demo_data):
     # Prepare: the user's view: a fresh `hetrain` process (Prefect configures its logging at
@@ -180,6 +179,7 @@ def test_a_failed_run_prints_one_error_line_and_no_traceback_in_a_fresh_process(
     assert not any((tmp_path / "run" / "checkpoints").glob("round-*"))
 
 
+@pytest.mark.e2e  # `hetrain train` in a subprocess
 @pytest.mark.slow
 def test_a_successful_run_prints_results_and_no_traceback_in_a_fresh_process(tmp_path, demo_data):
     # Prepare: a fresh `hetrain` process on the temporary server, whose shutdown can log

@@ -10,8 +10,6 @@ from hetrain.configure import parse_config
 from hetrain.core.errors import ConfigError
 from tests.conftest import REPO, write_config
 
-pytestmark = pytest.mark.e2e  # a full training run on a Dask cluster
-
 
 def test_dask_address_must_be_a_scheduler_url():
     raw = yaml.safe_load((REPO / "configs" / "breast_cancer.yaml").read_text())
@@ -23,6 +21,7 @@ def test_dask_address_must_be_a_scheduler_url():
         parse_config(raw, "cfg.yaml")
 
 
+@pytest.mark.e2e  # a full training run on a Dask cluster
 @pytest.mark.slow
 def test_training_on_a_local_dask_cluster_runs_cipher_jobs_as_tasks(prefect_harness, demo_data, tmp_path):
     # Prepare: 2 rounds of breast_cancer with the ciphertext jobs on Dask (2 worker processes)

@@ -14,8 +14,6 @@ import pytest
 from hetrain.core import failpoints, store
 from hetrain.core.errors import ConfigError
 
-pytestmark = pytest.mark.e2e  # killed and resumed training runs
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -99,6 +97,7 @@ def test_a_bad_spec_is_refused_naming_the_entry_and_what_is_allowed(armed, spec,
         failpoints.failpoint("checkpoint.tmp_write")
 
 
+@pytest.mark.integration  # a Python subprocess
 def test_kill_sends_sigkill_to_its_own_process_on_the_named_hit():
     # Prepare
     code = ("from hetrain.core.failpoints import failpoint\n"
@@ -190,6 +189,7 @@ def fault_setup(tmp_path_factory):
         yield faults.prepare(work, server, rounds=2)
 
 
+@pytest.mark.e2e  # training runs, killed and resumed
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_resumes_from_the_intact_previous_one(fault_setup):
     # Prepare / Execute: round 2's checkpoint is complete under its temporary name when the process dies
@@ -204,6 +204,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_intact_previous_one(fau
     assert record["twin_identical"] and record["within_tolerance"] and record["recovered"]
 
 
+@pytest.mark.e2e  # training runs, killed and resumed
 @pytest.mark.slow
 def test_full_disk_during_a_checkpoint_fails_cleanly_keeps_the_previous_one_and_resumes(fault_setup):
     # Prepare / Execute
@@ -218,6 +219,7 @@ def test_full_disk_during_a_checkpoint_fails_cleanly_keeps_the_previous_one_and_
     assert record["resume"]["returncode"] == 0 and record["problems"] == {} and record["recovered"]
 
 
+@pytest.mark.e2e  # training runs, killed and resumed
 @pytest.mark.slow
 def test_manifest_with_a_wrong_digest_is_refused_by_name_and_nothing_written_is_lost(fault_setup):
     # Prepare / Execute
@@ -232,6 +234,7 @@ def test_manifest_with_a_wrong_digest_is_refused_by_name_and_nothing_written_is_
     assert record["data_loss"] is False and record["problems"] == {} and record["recovered"]
 
 
+@pytest.mark.e2e  # the key-holder service and training runs
 @pytest.mark.slow
 def test_killed_key_holder_service_stops_the_trainer_cleanly_and_the_run_resumes_once_it_is_back(fault_setup):
     # Prepare / Execute: the service is SIGKILLed right after round 1's checkpoint

@@ -45,8 +45,6 @@ from tests.prefect_server import (
     wait_healthy,
 )
 
-pytestmark = pytest.mark.e2e  # a Prefect server, workers and the key-holder service
-
 TRAIN = "train/breast-cancer-deployed"
 OWNERS = {"clinic_a": "prepare-owner-bundle/clinic-a", "clinic_b": "prepare-owner-bundle/clinic-b"}
 ROUNDS = 2
@@ -190,6 +188,7 @@ def _owner_rows(summary: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a Prefect server, workers and the key-holder service
 def test_operations_end_to_end_on_a_real_server(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
@@ -426,6 +425,7 @@ def test_context_record_writes_one_line_per_load_with_role_and_privacy(ckks_keys
     assert (tmp_path / "rec" / f"{os.getpid()}.jsonl").is_file()
 
 
+@pytest.mark.integration  # TenSEAL keys
 def test_context_record_is_off_without_the_variable_and_records_the_key_holders_own_load(tmp_path, monkeypatch):
     # Prepare
     from hetrain.core.config import PolicyConfig

@@ -10,8 +10,6 @@ import pytest
 
 from tests.conftest import write_config
 
-pytestmark = pytest.mark.e2e  # a retraining run
-
 
 def _owner_files(run_dir) -> dict[str, dict[str, int]]:
     """Per owner: every bundle file (relative path) with its inode, to tell rewritten files apart."""

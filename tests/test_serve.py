@@ -6,8 +6,6 @@ import pytest
 
 from hetrain.cli import main
 
-pytestmark = pytest.mark.e2e  # `hetrain serve` subprocesses
-
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "breast_cancer.yaml")
 
@@ -74,6 +72,7 @@ def test_training_with_deployed_owners_needs_a_server(no_api_url, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e  # `hetrain serve` in a subprocess, with a Prefect server
 @pytest.mark.slow
 def test_ctrl_c_stops_serving_cleanly_and_pauses_the_schedule(tmp_path):
     # Prepare: a real server; `hetrain serve` in its own process group, as a terminal runs it
@@ -103,6 +102,7 @@ def test_ctrl_c_stops_serving_cleanly_and_pauses_the_schedule(tmp_path):
     assert "'paused': True" in paused
 
 
+@pytest.mark.integration  # a Python subprocess
 def test_ctrl_c_stops_serving_even_when_the_runner_does_not_shut_down(tmp_path):
     # Prepare: a stand-in for a runner that swallows KeyboardInterrupt and never returns
     import os

@@ -2,10 +2,11 @@
 
 Each test has a tier (tests/tiers.py): `unit` (the default: no TenSEAL contexts, no Prefect),
 `integration` (TenSEAL keys or Prefect, no full training run) or `e2e` (full training runs, `hetrain`
-subprocesses, servers). The collection hook below derives it from the test's `integration`/`e2e` marks and
-the fixtures it uses (`prefect_harness`, `ckks_keys`: integration; `bc_run`: e2e), and adds it as a mark,
-so `-m unit` selects the unit tier (`make test-unit`). Unit tests run under a guard that fails them if they
-build a TenSEAL context or run Prefect, so a mislabelled test is caught rather than slowing the tier.
+subprocesses, servers). The collection hook below derives it from the test's `integration`/`e2e` marks
+and the fixtures it uses (tiers.FIXTURE_TIERS: `prefect_harness`, `ckks_keys`: integration; `bc_run`:
+e2e), and adds it as a mark, so `-m unit` selects the unit tier (`make test-unit`). Unit tests run under
+a guard that fails them if they build a TenSEAL context or run Prefect, so a mislabelled test is caught
+rather than slowing the tier.
 
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`, see pyproject.toml).
 Each worker is its own session: it imports this file, so it gets its own PREFECT_HOME and its own
@@ -15,8 +16,11 @@ no private method overridden). It sends one module at a time to a worker (module
 keeps the BC_RUN_MODULES together as one unit (they share `bc_run`, whose 4-round run is then trained
 once), and sends the longest unit first, by the seconds per module in tests/durations.json, so the two
 workers finish together. `make test-durations` (`pytest --store-durations`) rewrites that file from a
-full run. (xdist's own `--dist loadgroup` with `xdist_group` marks does not work here: pytest-xdist 3.8.0,
-the newest, tags the group onto `item._nodeid`, which pytest 9 no longer reads (`Node.nodeid` is `_id`).)
+full run. Why not the alternatives: xdist's own `--dist loadgroup` with `xdist_group` marks does not work
+with pytest 9.2.0 and pytest-xdist 3.8.0 (the newest): xdist tags the group onto `item._nodeid`, which
+pytest 9 no longer reads (`Node.nodeid` is `_id`), so every test would be its own unit. A file-locked,
+disk-cached `bc_run` would make plain `loadfile` enough, but the second worker would sit idle waiting
+for the first one's training, and the run's files would live in that worker's temporary directory.
 """
 
 import os

@@ -139,13 +139,16 @@ def item(marks=(), fixtures=()):
     (("integration", "parametrize"), (), "integration"),
 ])
 def test_a_tests_tier_is_the_highest_of_its_marks_and_its_fixtures(marks, fixtures, tier):
+    # Execute / Assert
     assert tier_of(item(marks, fixtures)) == tier
 
 
 def test_the_unit_guard_fails_a_test_that_builds_a_tenseal_context_and_names_the_mark_it_needs():
+    # Prepare
     import tenseal
 
     original = tenseal.context
+    # Execute / Assert
     with unit_guard("tests/test_x.py::t"):
         with pytest.raises(pytest.fail.Exception, match=r"tests/test_x.py::t is a unit test but called "
                                                         r"tenseal.context\(\): mark it `pytest.mark.integration`"):
@@ -156,14 +159,16 @@ def test_the_unit_guard_fails_a_test_that_builds_a_tenseal_context_and_names_the
 
 
 def test_the_unit_guard_fails_a_prefect_flow_run_when_prefect_is_loaded():
-    prefect = pytest.importorskip("prefect")
+    # Prepare
+    import prefect
 
     @prefect.flow
     def hello():
         return 1
 
+    # Execute / Assert: refused before any API is contacted
     with unit_guard("tests/test_x.py::t"):
-        with pytest.raises(pytest.fail.Exception, match="ran a Prefect flow"):
+        with pytest.raises(pytest.fail.Exception, match="tests/test_x.py::t is a unit test but ran a Prefect flow"):
             hello()
 
 
@@ -173,7 +178,8 @@ def test_recorded_durations_are_summed_per_module_and_merged_into_the_file_after
     path.write_text(json.dumps({"tests/test_old.py": 7.0, "tests/test_a.py": 99.0}))
     recorder = DurationRecorder(path)
     # Execute
-    for nodeid, seconds in [("tests/test_a.py::t1", 1.25), ("tests/test_a.py::t1", 0.5), ("tests/test_b.py::t[x::y]", 2.0)]:
+    reports = [("tests/test_a.py::t1", 1.25), ("tests/test_a.py::t1", 0.5), ("tests/test_b.py::t[x::y]", 2.0)]
+    for nodeid, seconds in reports:
         recorder.pytest_runtest_logreport(SimpleNamespace(nodeid=nodeid, duration=seconds))
     recorder.pytest_sessionfinish(session=None, exitstatus=1)
     unchanged = load_durations(path)
@@ -184,13 +190,18 @@ def test_recorded_durations_are_summed_per_module_and_merged_into_the_file_after
 
 
 def test_a_missing_or_broken_durations_file_weighs_nothing(tmp_path):
+    # Prepare
     (tmp_path / "bad.json").write_text("{not json")
+    # Execute / Assert
     assert load_durations(tmp_path / "missing.json") == {} == load_durations(tmp_path / "bad.json")
 
 
 def test_the_shipped_durations_name_existing_modules():
+    # Prepare
     from tests.schedule import DURATIONS
 
+    # Execute
     seconds = load_durations()
+    # Assert
     assert seconds and all(v >= 0 for v in seconds.values())
     assert all((DURATIONS.parent.parent / module).is_file() for module in seconds), sorted(seconds)

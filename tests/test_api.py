@@ -92,6 +92,7 @@ def test_a_mapping_config_is_written_into_the_run_dir_under_its_digest_and_reads
     assert hetrain.load_config(other).train.rounds == 3
 
 
+@pytest.mark.e2e  # a full training run
 @pytest.mark.slow
 def test_train_from_a_mapping_returns_a_typed_run_result(prefect_harness, demo_data, tmp_path):
     # Prepare
@@ -121,6 +122,7 @@ print("ACCURACY", result.test_accuracy)
 """
 
 
+@pytest.mark.e2e  # a training run in a subprocess
 @pytest.mark.slow
 def test_a_script_without_a_main_guard_trains_with_two_workers_and_leaves_no_process(demo_data, tmp_path):
     # Prepare: no `if __name__ == "__main__":` guard, two ciphertext worker processes, Prefect's temporary server
@@ -153,6 +155,7 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
+@pytest.mark.e2e  # builds and installs the wheel in subprocesses
 @pytest.mark.slow
 def test_the_wheel_installs_one_hetrain_package_without_the_harnesses(tmp_path):
     # Execute: build the wheel as `pip install hetrain` would get it

@@ -97,7 +97,6 @@ def test_a_bad_spec_is_refused_naming_the_entry_and_what_is_allowed(armed, spec,
         failpoints.failpoint("checkpoint.tmp_write")
 
 
-@pytest.mark.integration  # a Python subprocess
 def test_kill_sends_sigkill_to_its_own_process_on_the_named_hit():
     # Prepare
     code = ("from hetrain.core.failpoints import failpoint\n"

@@ -102,7 +102,6 @@ def test_ctrl_c_stops_serving_cleanly_and_pauses_the_schedule(tmp_path):
     assert "'paused': True" in paused
 
 
-@pytest.mark.integration  # a Python subprocess
 def test_ctrl_c_stops_serving_even_when_the_runner_does_not_shut_down(tmp_path):
     # Prepare: a stand-in for a runner that swallows KeyboardInterrupt and never returns
     import os

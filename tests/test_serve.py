@@ -112,7 +112,7 @@ def test_ctrl_c_stops_serving_even_when_the_runner_does_not_shut_down(tmp_path):
 
     script = (
         "import time\n"
-        "from flows import serve\n"
+        "from hetrain import serve\n"
         "serve.STOP_GRACE_SECONDS = 1\n"
         "serve._pause = lambda deployment: print('paused', deployment, flush=True)\n"
         "serve.arm_stop_watchdog('train/x', 'hetrain: stopped serving train/x')\n"

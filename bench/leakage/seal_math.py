@@ -1,0 +1,98 @@
+"""What a trainer can compute about SEAL's rings from the public parameters alone: the primes, SEAL's NTT
+points, and the inverse of the CKKS slot embedding (used to turn decrypted slots back into a polynomial)."""
+
+import numpy as np
+
+
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for n < 3.3e24 (these bases suffice)."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def coeff_modulus(n: int, bit_sizes: list[int]) -> list[int]:
+    """SEAL's CoeffModulus::Create: per bit size, the largest primes ≡ 1 mod 2n below 2^bits, handed out
+    smallest first (SEAL takes each bit size's list from the back)."""
+    factor, found = 2 * n, {}
+    for bits in sorted(set(bit_sizes)):
+        need, value, out = bit_sizes.count(bits), ((1 << bits) - 1) // factor * factor + 1, []
+        while len(out) < need and value > 1 << (bits - 1):
+            if _is_prime(value):
+                out.append(value)
+            value -= factor
+        found[bits] = out
+    return [found[bits].pop() for bits in bit_sizes]
+
+
+def minimal_root(n: int, q: int) -> int:
+    """SEAL's NTT root: the smallest primitive 2n-th root of unity mod q."""
+    for g in range(2, q):
+        root = pow(g, (q - 1) // (2 * n), q)
+        if pow(root, n, q) == q - 1:
+            break
+    square, current, best = root * root % q, root, root
+    for _ in range(n):
+        best = min(best, current)
+        current = current * square % q
+    return best
+
+
+def bit_reverse(i: int, bits: int) -> int:
+    return int(format(i, f"0{bits}b")[::-1], 2)
+
+
+def ntt_monomial(n: int, q: int, t: int, coeff: int = 1) -> np.ndarray:
+    """SEAL's NTT form of coeff·X^t mod q: entry j is coeff·ψ^((2·bitrev(j)+1)·t)."""
+    psi, bits = minimal_root(n, q), n.bit_length() - 1
+    return np.array([coeff * pow(psi, (2 * bit_reverse(j, bits) + 1) * t, q) % q for j in range(n)],
+                    dtype=np.uint64)
+
+
+def ntt_eval(coeffs: np.ndarray, q: int, j: int) -> int:
+    """One entry of SEAL's NTT form of an integer polynomial (a spot check against a stored key)."""
+    n = len(coeffs)
+    psi, bits = minimal_root(n, q), n.bit_length() - 1
+    point = pow(psi, 2 * bit_reverse(j, bits) + 1, q)
+    acc, power = 0, 1
+    for c in coeffs.tolist():
+        acc = (acc + int(c) * power) % q
+        power = power * point % q
+    return acc
+
+
+def slot_roots(n: int) -> np.ndarray:
+    """The odd exponent e_j (root ζ^e_j, ζ = exp(iπ/n)) that SEAL's CKKS slot j evaluates: e_j = 3^j mod 2n."""
+    return np.array([pow(3, j, 2 * n) for j in range(n // 2)], dtype=np.int64)
+
+
+def polynomial_from_slots(values: np.ndarray, n: int) -> np.ndarray:
+    """Real coefficients of the polynomial whose evaluations at the slot roots are `values` (complex, n/2).
+
+    The other n/2 evaluations are the conjugates (a real polynomial); an inverse DFT over all n odd roots
+    gives the coefficients, and averages the noise on the slots down by about sqrt(2/n).
+    """
+    evals = np.zeros(n, dtype=np.complex128)
+    exps = slot_roots(n)
+    evals[(exps - 1) // 2] = values
+    evals[(2 * n - exps - 1) // 2] = np.conj(values)
+    k = np.arange(n)
+    # s_k = (1/n) Σ_t E_t ζ^{-(2t+1)k} = ζ^{-k}/n · Σ_t E_t e^{-2πi tk/n}
+    return np.real(np.exp(-1j * np.pi * k / n) * np.fft.fft(evals) / n)

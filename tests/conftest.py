@@ -43,7 +43,7 @@ LONGEST_FIRST = [
     "test_reveal_ledger",         # ~15 s
     "test_tutorial_lr",           # ~15 s
 ]
-BC_RUN_MODULES = {"test_cli", "test_flows", "test_retrain"}  # run on one worker, so `bc_run` is trained once
+BC_RUN_MODULES = {"test_cli", "test_flows", "test_retrain", "test_trainer"}  # run on one worker, so `bc_run` is trained once
 
 
 def _group(module: str) -> str:

@@ -1,4 +1,4 @@
-"""Run hetrain's own rounds without the Prefect engine (tasks called as plain functions), for timing."""
+"""Run hetrain's own rounds without Prefect (the Trainer with its PlainRunner), for timing."""
 
 import json
 import shutil
@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hetrain.runtime import Runtime, forget_key_holders
-from hetrain.tasks import ENGINE, encrypt_owner_table, set_up_key_holder
-from hetrain.train_flow import run_round
+from hetrain.runtime import Runtime
+from hetrain.trainer import PlainRunner, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,31 +27,32 @@ def write_config(path: Path, base: str | None = None, **overrides) -> Path:
 
 
 def prepare(config: Path, run_dir: Path, fresh: bool = True) -> dict:
-    """Key holder and every owner's bundle, with no Prefect engine; returns preparation seconds."""
+    """Key holder and every owner's bundle, with no Prefect; returns preparation seconds."""
     import time
 
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
-    forget_key_holders()
-    token = ENGINE.set(False)
-    try:
-        start = time.perf_counter()
-        rt = Runtime(config, run_dir)
-        set_up_key_holder.fn(rt)
-        owners = [encrypt_owner_table.fn(rt, o.name) for o in rt.cfg.data.owners]
-        return {"prepare_seconds": time.perf_counter() - start, "owners": owners,
-                "forward_layout": rt.plan.forward, "seg": rt.plan.seg}
-    finally:
-        ENGINE.reset(token)
+    start = time.perf_counter()
+    trainer = Trainer(config, run_dir, resume=True)
+    trainer.open(PlainRunner())
+    owners = trainer.runner.prepare_owners(trainer)
+    rt = trainer.rt
+    return {"prepare_seconds": time.perf_counter() - start, "owners": owners,
+            "forward_layout": rt.plan.forward, "seg": rt.plan.seg}
+
+
+def open_trainer(config: Path, run_dir: Path) -> Trainer:
+    """A prepared run directory's Trainer, opened with no Prefect and restored from its newest checkpoint."""
+    trainer = Trainer(config, run_dir, resume=True)
+    trainer.open(PlainRunner())
+    trainer.restore()
+    return trainer
 
 
 def rounds(config: Path, run_dir: Path, first: int, last: int) -> list[dict]:
-    """Rounds first..last as plain function calls."""
-    token = ENGINE.set(False)
-    try:
-        return [run_round(str(config), str(run_dir), r) for r in range(first, last + 1)]
-    finally:
-        ENGINE.reset(token)
+    """Rounds first..last as plain function calls (round first - 1 must be the newest checkpoint)."""
+    trainer = open_trainer(config, run_dir)
+    return [trainer.run_round(r) for r in range(first, last + 1)]
 
 
 def twin_arrays(config: Path, run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -77,11 +77,14 @@ def run_policy(work: Path, data: Path, base: str, policy: str, epochs: int, stri
         rows = pipeline.rounds(config, run_dir, 1, epochs)
         return _row(rows, {"engine": "hybrid (rows/column, depth 1)", "prepare_seconds": round(prep["prepare_seconds"], 2),
                            "batches_per_round": None})
-    from hetrain.tiled_flow import train_tiled
+    import shutil
+
+    from hetrain.trainer import Trainer
 
     start = time.perf_counter()
     batches = strict_batches if policy == "strict" else None
-    result = train_tiled(str(config), str(run_dir), max_batches=batches, engine=False)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    result = Trainer(config, run_dir, max_batches=batches).run()  # no Prefect: the PlainRunner
     rows = result["rounds"]
     prepare_seconds = time.perf_counter() - start - sum(r["seconds"] for r in rows)
     return _row(rows, {"engine": "tiled", "prepare_seconds": round(prepare_seconds, 2),

@@ -46,33 +46,35 @@ def orchestration(config: Path, run_dir: Path) -> dict:
     from prefect import flow
 
     from hetrain.bench import pipeline
-    from hetrain.runtime import Runtime
-    from hetrain.train_flow import child_flow_settings, training_round
-    from hetrain.mpc_ops.crypto.jobs import JobRunner
+    from hetrain.train_flow import PrefectRunner, child_flow_settings, live_trainer, training_round
 
-    rounds = Runtime(config, run_dir / "engine").cfg.train.rounds
     pipeline.prepare(config, run_dir / "engine")
-    rt = Runtime(config, run_dir / "engine")
-    JobRunner(rt.context, rt.plan.slots, rt.cfg.train.workers).warm_up()  # both sides share warm workers
     shutil.rmtree(run_dir / "plain", ignore_errors=True)
     shutil.copytree(run_dir / "engine", run_dir / "plain")
+    engine_side = pipeline.open_trainer(config, run_dir / "engine")
+    plain_side = pipeline.open_trainer(config, run_dir / "plain")
+    rounds = engine_side.cfg.train.rounds
+    engine_side.engine.hybrid.front.runner.warm_up()  # both sides start with warm workers
+    plain_side.engine.hybrid.front.runner.warm_up()
 
     @flow(name="bench-orchestration")
     def with_engine() -> tuple[list[float], list[float]]:
         times, inner = [], []
-        for r in range(1, rounds + 1):
-            start = time.perf_counter()
-            with child_flow_settings():
-                row = training_round(str(config), str(run_dir / "engine"), r)
-            times.append(time.perf_counter() - start)
-            inner.append(row["seconds"])
+        with live_trainer(engine_side) as token:
+            engine_side.runner = PrefectRunner(token)
+            for r in range(1, rounds + 1):
+                start = time.perf_counter()
+                with child_flow_settings():
+                    row = training_round(token, r)
+                times.append(time.perf_counter() - start)
+                inner.append(row["seconds"])
         return times, inner
 
     engine, inner = with_engine()
     plain, plain_inner = [], []
     for r in range(1, rounds + 1):
         start = time.perf_counter()
-        row = pipeline.rounds(config, run_dir / "plain", r, r)[0]
+        row = plain_side.run_round(r)
         plain.append(time.perf_counter() - start)
         plain_inner.append(row["seconds"])
     return {"rounds": rounds, "engine_round_seconds": [round(t, 3) for t in engine],

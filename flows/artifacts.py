@@ -1,12 +1,12 @@
-"""What a run leaves for people to look at: metrics.json, a plot, a summary, Prefect artifacts."""
+"""What a run leaves for people to look at: metrics.json, a plot, a summary, Prefect artifacts.
+
+Prefect is imported only by the two publish_* functions, so a run without Prefect (hetrain.trainer's
+PlainRunner) writes the same files without loading it."""
 
 import base64
 import io
 import json
 from pathlib import Path
-
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
 
 from hetrain.core import store
 
@@ -47,6 +47,8 @@ def plot_png(rounds: list[dict], path: Path) -> Path | None:
 
 def publish_round(name: str, rounds: list[dict], progress_id, total_rounds: int):
     """Per-round metrics table (stable key, so the UI shows versions) and the progress artifact."""
+    from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
     create_table_artifact(key=artifact_key(name, "metrics"), table=rounds,
                           description=f"hetrain metrics per round for run '{name}'")
     pct = 100.0 * rounds[-1]["round"] / total_rounds
@@ -131,6 +133,8 @@ def _rank_note(audit: dict) -> list[str]:
 
 
 def publish_summary(name: str, markdown: str, path: Path) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
     store.write_bytes(path, markdown.encode())
     create_markdown_artifact(key=artifact_key(name, "summary"), markdown=markdown,
                              description=f"hetrain run summary for '{name}'")

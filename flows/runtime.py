@@ -221,20 +221,28 @@ class Runtime:
             self.remote.publish_public_context(data)
         return self.key_id
 
-    def data_digest(self) -> str:
+    def _bundle_keys(self, manifests: dict | None) -> dict[str, str]:
+        """Each owner's bundle key (a tiled bundle, which has none, is named by its manifest's digest)."""
+        manifests = self.store.manifests if manifests is None else manifests
+        return {name: m.get("bundle_key") or store.sha256_file(self.paths.exchange / name / "manifest.json")
+                for name, m in manifests.items()}
+
+    def data_digest(self, manifests: dict | None = None) -> str:
         """One digest of every owner's bundle key: what the data of this run is."""
-        keys = sorted(f"{name}:{m['bundle_key']}" for name, m in self.store.manifests.items())
+        keys = sorted(f"{name}:{key}" for name, key in self._bundle_keys(manifests).items())
         return store.sha256_bytes("\n".join(keys).encode())
 
-    def lineage(self) -> dict:
-        """What this run's results were made from: config, every owner's bundle, the key, where it ran."""
+    def lineage(self, manifests: dict | None = None) -> dict:
+        """What this run's results were made from: config, every owner's bundle, the key, where it ran.
+        `manifests`: the engine's verified manifests (default: the hybrid exchange store's)."""
+        keys = self._bundle_keys(manifests)
         return {
             "config_path": str(self.config_path),
             "config_sha256": store.sha256_file(self.config_path),
             "key_id": self.key_id,
-            "manifests": {name: m["bundle_key"] for name, m in self.store.manifests.items()},
+            "manifests": keys,
             "manifest_sha256": {name: store.sha256_file(self.paths.exchange / name / "manifest.json")
-                                for name in self.store.manifests},
+                                for name in keys},
             "exchange": self.cfg.exchange.url or str(self.paths.exchange),
             "run_dir": str(self.paths.root),
             "generation": self.paths.generation,

@@ -21,7 +21,7 @@ from hetrain.core.config import PolicyConfig
 from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, PolicyRefusal, SecurityParameterError
 from hetrain.core.failpoints import failpoint
 from hetrain.core.params import CkksParams
-from hetrain.core.shapes import LinearShape
+from hetrain.core.shapes import LinearShape, policy_uses_tiled
 from hetrain.mpc_ops.reveal.policy import check_reveal
 from hetrain.mpc_ops.reveal.protocol import RevealRequest, RevealResponse, check_request
 from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE, RevealLedger
@@ -59,7 +59,7 @@ class KeyHolder:
         self.ledger = RevealLedger(self.directory / LEDGER_FILE, policy, shapes)
         self._recover_unrecorded_audit()
         # the policy implies the engine: anything beyond one first-layer reveal with plaintext labels is tiled
-        self._tiled = policy.labels == "encrypted" or not policy.reveals or len(policy.cipher_layers) > 1
+        self._tiled = policy_uses_tiled(policy)
         # hybrid: every revealed blob went through exactly one ct × plain product; tiled: 1 to depth products
         self._layout = ckks.revealed_layouts(context) if self._tiled else ckks.product_layout(context)
 

@@ -97,18 +97,21 @@ def test_warm_start_loads_the_parents_weights_and_optimizer_state(retrained, dem
     # Prepare: the learners round 1 of generation 1 builds, before any training step
     from hetrain.checkpoint import load_checkpoint
     from hetrain.runtime import Runtime
-    from hetrain.tasks import Traffic, _unprefixed, build_learners, restore_state
+    from hetrain.engines import unprefixed as _unprefixed
+    from hetrain.trainer import Trainer
 
     run_dir = retrained["run_dir"]
     config = write_config(tmp_path, demo_data, rounds=1)
-    rt = Runtime(config, run_dir, generation=1)
-    hybrid, twin = build_learners(rt, 1, Traffic())
+    trainer = Trainer(config, run_dir, resume=True, retrain=True)  # generation 1, as before its first round
+    trainer.latest = None
+    trainer.open()
+    hybrid, twin = trainer.engine.hybrid, trainer.engine.twin
     fresh = {k: v.copy() for k, v in hybrid.model.parameters().items()}
     parent = load_checkpoint(run_dir / "checkpoints" / "round-00004")
     # Execute
-    restored = restore_state.fn(rt, hybrid, twin, 1)
+    first = trainer.restore()
     # Assert
-    assert restored["parent_checkpoint"] == str(parent.path)
+    assert first == 1 and trainer.parent_checkpoint == str(parent.path)
     for prefix, learner in (("hybrid", hybrid), ("twin", twin)):
         saved = _unprefixed(prefix, parent.params)
         live = learner.model.parameters()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hetrain.tasks import call_key_holder
+from hetrain.mpc_ops.reveal.revealer import call_key_holder
 from hetrain.core.errors import PolicyRefusal
 
 
@@ -19,16 +19,11 @@ class FlakyHolder:
         return f"revealed {request}"
 
 
-class FakeRuntime:
-    def __init__(self, holder):
-        self.key_holder = holder
-
-
 def test_transient_faults_are_retried_until_the_key_holder_answers():
     # Prepare
     holder = FlakyHolder(ConnectionError("reset"), OSError(28, "No space left on device"))
     # Execute
-    result = call_key_holder(FakeRuntime(holder), "req", delays=(0, 0, 0))
+    result = call_key_holder(holder, "req", delays=(0, 0, 0))
     # Assert
     assert result == "revealed req" and holder.calls == 3
 
@@ -38,7 +33,7 @@ def test_a_policy_refusal_is_never_retried():
     holder = FlakyHolder(PolicyRefusal("min_batch", "only 8 samples"))
     # Execute / Assert
     with pytest.raises(PolicyRefusal, match="min_batch"):
-        call_key_holder(FakeRuntime(holder), "req", delays=(0, 0, 0))
+        call_key_holder(holder, "req", delays=(0, 0, 0))
     assert holder.calls == 1
 
 
@@ -47,5 +42,5 @@ def test_retries_stop_after_the_last_delay_with_the_original_error():
     holder = FlakyHolder(*[TimeoutError("slow")] * 4)
     # Execute / Assert
     with pytest.raises(TimeoutError, match="slow"):
-        call_key_holder(FakeRuntime(holder), "req", delays=(0, 0, 0))
+        call_key_holder(holder, "req", delays=(0, 0, 0))
     assert holder.calls == 4

@@ -79,10 +79,15 @@ def reveal_shapes(cfg) -> dict[str, LinearShape]:
 
 
 def uses_tiled(cfg) -> bool:
-    """Whether the policy needs the tiled engine: more than the first layer on ciphertext, no
-    activation reveal (strict), or encrypted labels. Otherwise the depth-1 hybrid path runs."""
-    first = cfg.model.layers[0].name
-    return cfg.policy.cipher_layers != [first] or not cfg.policy.reveals or cfg.policy.labels == "encrypted"
+    """Whether the run needs the tiled engine (see policy_uses_tiled); the one test of it."""
+    return policy_uses_tiled(cfg.policy)
+
+
+def policy_uses_tiled(policy) -> bool:
+    """Whether a policy needs the tiled engine: more than the first layer on ciphertext (config validation
+    makes cipher_layers a prefix of the model), no activation reveal (strict), or encrypted labels.
+    Otherwise the depth-1 hybrid path runs. The key holder, which sees only the policy, asks this too."""
+    return len(policy.cipher_layers) > 1 or not policy.reveals or policy.labels == "encrypted"
 
 
 def block_width(batch_size: int) -> int:

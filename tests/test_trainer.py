@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from test_policy_runs import config
+from tests.test_policy_runs import config
+
+pytestmark = pytest.mark.e2e  # full training runs, killed and resumed in subprocesses
 
 MAX_BATCHES = 2  # per round: keeps a tiled run of a few rounds under a minute
 

@@ -67,7 +67,12 @@ class Engine(Protocol):
 
 
 def select_engine(rt: Runtime, revealer: Revealer) -> Engine:
-    """The engine the config's policy needs: tiled for strict, mixed or encrypted labels, else hybrid."""
+    """The engine the config's policy needs: verified for an untrusted trainer, tiled for strict, mixed or
+    encrypted labels, else hybrid."""
+    if rt.cfg.policy.trainer == "untrusted":
+        from hetrain.verified_engine import VerifiedEngine
+
+        return VerifiedEngine(rt, revealer)
     if uses_tiled(rt.cfg):
         from hetrain.tiled_engine import TiledEngine
 

@@ -122,6 +122,17 @@ class LocalKeyHolderClient:
     def audit_summary(self) -> dict:
         return self._holder.audit_summary()
 
+    def reveal_verified(self, request) -> RevealResponse:
+        return self._holder.reveal_verified(request)
+
+    def input_weights(self, layer: str):
+        """The key holder's weights of the reveal point (policy.trainer: untrusted); public."""
+        return self._holder.input_weights(layer)
+
+    def owner_channel(self):
+        """What an in-process owner sends its MAC tags through, and gets the MAC key from (never the trainer)."""
+        return self._holder
+
     @property
     def decryptions_used(self) -> int:
         return self._holder.decryptions_used

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,39 @@ def _batch_slices(n: int, batch_size: int, min_batch: int) -> list[slice]:
     return slices
 
 
+@dataclass(frozen=True)
+class OwnerSplit:
+    """One owner's table, validated, split by keyed hash and standardised on its training rows."""
+
+    x: dict  # split -> (n, features) standardised and clipped
+    ids: dict  # split -> IDs in the canonical order
+    y: dict  # split -> labels (label owner only, else empty)
+    data_sha256: str
+
+
+def load_split(cfg: RunConfig, owner: OwnerConfig) -> OwnerSplit:
+    """Load and validate the owner's table, split it and standardise its features (statistics from train)."""
+    label_col = cfg.data.label_column if owner.label else None
+    frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
+                       feature_columns=owner.features, label_column=label_col)
+    train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed, test_fraction=cfg.data.test_fraction)
+    indexed = frame.set_index(cfg.data.id_column)
+    parts = {"train": indexed.loc[list(train_ids)], "test": indexed.loc[list(test_ids)]}
+    scaler = Standardizer.fit(parts["train"], owner.features, clip=FEATURE_CLIP)
+    if label_col and cfg.data.task == "multiclass":
+        bad = int(indexed[label_col].max())
+        if bad >= cfg.data.num_classes:
+            raise SchemaError(
+                f"owner '{owner.name}': label {bad} in {owner.path} is outside [0, {cfg.data.num_classes - 1}] "
+                f"(data.num_classes={cfg.data.num_classes})"
+            )
+    return OwnerSplit(
+        x={s: scaler.transform(p)[owner.features].to_numpy(np.float64) for s, p in parts.items()},
+        ids={"train": np.asarray(train_ids), "test": np.asarray(test_ids)},
+        y={s: p[label_col].to_numpy(np.int64) for s, p in parts.items()} if label_col else {},
+        data_sha256=store.sha256_file(owner.path) if owner.path.is_file() else "")
+
+
 def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: str, data_sha256: str) -> str:
     """Everything the bundle depends on; an unchanged key means the bundle can be reused."""
     spec = {
@@ -69,23 +103,9 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     if reusable is not None:
         return reusable
 
-    label_col = cfg.data.label_column if owner.label else None
-    frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
-                       feature_columns=owner.features, label_column=label_col)
-    train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed,
-                                    test_fraction=cfg.data.test_fraction)
-    indexed = frame.set_index(cfg.data.id_column)
-    train, test = indexed.loc[list(train_ids)], indexed.loc[list(test_ids)]
-    scaler = Standardizer.fit(train, owner.features, clip=FEATURE_CLIP)
-    x_train = scaler.transform(train)[owner.features].to_numpy(np.float64)
-    x_test = scaler.transform(test)[owner.features].to_numpy(np.float64)
-    if label_col and cfg.data.task == "multiclass":
-        bad = int(indexed[label_col].max())
-        if bad >= cfg.data.num_classes:
-            raise SchemaError(
-                f"owner '{owner.name}': label {bad} in {owner.path} is outside [0, {cfg.data.num_classes - 1}] "
-                f"(data.num_classes={cfg.data.num_classes})"
-            )
+    split = load_split(cfg, owner)
+    x_train, x_test = split.x["train"], split.x["test"]
+    train_ids, test_ids = split.ids["train"], split.ids["test"]
 
     # Blobs go into a fresh generation folder; the manifest (written last, atomically) switches
     # readers over, so a failed re-encryption never leaves a manifest naming half-written blobs.
@@ -97,19 +117,17 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
                    "forward": plan.forward},
         "splits": {}, "labels": None, "reused": False,
     }
-    for split, x, ids in (("train", x_train, train_ids), ("test", x_test, test_ids)):
+    for part, x, ids in (("train", x_train, train_ids), ("test", x_test, test_ids)):
         slices = _batch_slices(len(x), cfg.train.batch_size, cfg.policy.min_batch)
-        manifest["splits"][split] = {
+        manifest["splits"][part] = {
             "n": len(x),
-            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
-            "batches": [_encrypt_batch(context, plan, x[sl], out, f"{generation}/{split}", b,
-                                       with_cols=(split == "train")) for b, sl in enumerate(slices)],
+            "ids": _write(out, generation, f"{part}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "batches": [_encrypt_batch(context, plan, x[sl], out, f"{generation}/{part}", b,
+                                       with_cols=(part == "train")) for b, sl in enumerate(slices)],
         }
     if owner.label:
-        manifest["labels"] = {
-            split: _write(out, generation, f"{split}/labels.npy", _npy(part[label_col].to_numpy(np.int64)))
-            for split, part in (("train", train), ("test", test))
-        }
+        manifest["labels"] = {part: _write(out, generation, f"{part}/labels.npy", _npy(split.y[part]))
+                              for part in ("train", "test")}
     if twin_dir is not None:
         buf = io.BytesIO()
         np.savez(buf, train=x_train, test=x_test)

@@ -25,8 +25,15 @@ from hetrain.core.shapes import LinearShape, policy_uses_tiled
 from hetrain.mpc_ops.reveal.policy import check_reveal
 from hetrain.mpc_ops.reveal.protocol import RevealRequest, RevealResponse, check_request
 from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE, RevealLedger
+from hetrain.mpc_ops.crypto import ring
+from hetrain.mpc_ops.reveal import verified
+from hetrain.participants.verified_keys import VerifiedKeys
 
 SECRET_FILE = "secret_context.bin"
+# Worst-case error of a verified result, Σ_j round(W_jk·Δ)·ct_j + Enc_Δ²(r) decoded at Δ²: each fresh
+# encryption's error over Δ, times ‖W_k‖₁ ≤ 16 (weights N(0, 1/d)); measured below 2^-36 at N = 8192,
+# scale 2^50 (tests/test_verified_reveal.py), so 2^-30 is a 64x margin.
+VERIFIED_ERROR_BOUND = 2.0 ** -30
 STATE_FILE = "state.json"
 AUDIT_FILE = "audit.jsonl"
 
@@ -134,6 +141,11 @@ class KeyHolder:
     def reveal(self, request: RevealRequest) -> RevealResponse:
         """Check the policy and budget, decrypt the requested slots, flood, audit."""
         slots = self.params.slots
+        if self.policy.trainer == "untrusted":  # nothing the trainer declares is checkable here
+            refusal = PolicyRefusal("untrusted_trainer", "policy.trainer is untrusted: this key holder decrypts only "
+                                                         "verified reveals (reveal_verified), never a declared one")
+            self._audit(request, "refuse", rule=refusal.rule, message=str(refusal))
+            raise refusal
         try:
             check_request(request, self._layout)  # types, ranges and blob structure, before any decryption
             if request.key_id != self.key_id:
@@ -191,6 +203,63 @@ class KeyHolder:
                 f"the ciphertext was made under another key or overflowed its scale"
             )
         return values, max(1, depth)
+
+    # ---- the verified reveal (policy.trainer: untrusted) ---------------------------------------
+    def _verified_keys(self) -> VerifiedKeys:
+        if getattr(self, "_vk", None) is None:
+            primes = ring.coeff_modulus(self.params.poly_modulus_degree, self.params.coeff_mod_bit_sizes)
+            self._vk = VerifiedKeys(self.directory, primes[:-1], self.params.poly_modulus_degree)
+        return self._vk
+
+    def mac_key(self) -> np.ndarray:
+        """The MAC key the owners tag their ciphertexts with (owners only: a trainer holding it could forge)."""
+        return self._verified_keys().mac_key.copy()
+
+    def register_tags(self, owner: str, entries: dict) -> int:
+        """An owner's tags for the ciphertexts it published (owners only)."""
+        return self._verified_keys().register(owner, entries)
+
+    def input_weights(self, layer: str) -> np.ndarray:
+        """The weights of the reveal point `layer` under policy.trainer: untrusted (public, drawn here)."""
+        if layer not in self.policy.reveals or layer not in self.shapes:
+            raise PolicyRefusal("undeclared_reveal_point", f"layer '{layer}' is not a declared reveal point "
+                                                           f"(allowed: {sorted(self.policy.reveals)})")
+        shape = self.shapes[layer]
+        return self._verified_keys().weights(layer, shape.in_features, shape.out_features)
+
+    def reveal_verified(self, request: "verified.VerifiedRevealRequest") -> RevealResponse:
+        """Check the MAC of Σ_j m_jk·ct_j + M_k against the owners' tags, then decrypt, flood, audit."""
+        try:
+            if self.policy.trainer != "untrusted":
+                raise PolicyRefusal("verified_off", "verified reveals need policy.trainer: untrusted")
+            shape = self.shapes.get(getattr(request, "layer", None))
+            verified.check_fields(request, shape.out_features if shape else 1)
+            if request.key_id != self.key_id:
+                raise ForeignKeyError(f"reveal request names key id {request.key_id}; this key holder's is {self.key_id}")
+            weights = self.input_weights(request.layer)
+            coeffs = verified.read_checked(request.blob, verified.layout(self._context, self.params),
+                                           float(self._context.global_scale))
+            vk = self._verified_keys()
+            n = vk.check(request, weights, float(self._context.global_scale), coeffs)
+            if self.decryptions_used + 1 > self.budget:
+                raise BudgetExhausted(f"{self.decryptions_used} of the budget of {self.budget} decryptions are used; "
+                                      f"rotate the key with `hetrain rotate-key RUN_DIR`")
+            vk.once(request)
+            self.decryptions_used += 1
+            try:
+                values = np.asarray(ts.ckks_vector_from(self._context, bytes(request.blob)).decrypt())[:n]
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise BundleError(f"ciphertext cannot be loaded or decrypted: {exc}") from None
+            sigma = flooding.flood_sigma(self.policy.flooding.security_bits, self.budget, VERIFIED_ERROR_BOUND)
+            flooded = flooding.flood(values, sigma)  # before any check on the values: no unflooded comparison leaves
+            if not np.all(np.isfinite(flooded)) or np.abs(flooded).max() > self.params.headroom:
+                raise ForeignKeyError(f"a verified result is beyond the headroom of {self.params.headroom:g}")
+        except (PolicyRefusal, BundleError) as exc:
+            self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))
+            raise
+        self._audit(request, "allow", sigma=sigma, slots_revealed=int(n), kind="verified_activation",
+                    chunk=request.chunk, output=request.output)
+        return RevealResponse(request.request_id, [flooded], sigma, self.decryptions_used)
 
     def audit_summary(self) -> dict:
         """Public counts from the audit log: reveals allowed and refused (by rule), σ, budget use."""

@@ -20,11 +20,9 @@ import numpy as np
 from hetrain.mpc_ops.crypto import ckks
 from hetrain.core import shapes, store
 from hetrain.core.config import OwnerConfig, RunConfig
-from hetrain.mpc_ops.layers.packing import FEATURE_CLIP
 from hetrain.mpc_ops.layers.tiled import Tiling
 
-from hetrain.participants.data_owner import _npy, _write, hashed_ids
-from hetrain.participants.table import Standardizer, load_table, split_ids
+from hetrain.participants.data_owner import _npy, _write, hashed_ids, load_split
 
 MANIFEST = "manifest.json"
 
@@ -50,17 +48,10 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, tiling: T
     context = ckks.load_public_context(public_context)
     key_id = ckks.key_id(context)
     out = Path(exchange_dir) / owner.name
+    data = load_split(cfg, owner)
+    xs, ys = data.x, data.y
+    train_ids, test_ids = data.ids["train"], data.ids["test"]
     label_col = cfg.data.label_column if owner.label else None
-    frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
-                       feature_columns=owner.features, label_column=label_col)
-    train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed, test_fraction=cfg.data.test_fraction)
-    indexed = frame.set_index(cfg.data.id_column)
-    train, test = indexed.loc[list(train_ids)], indexed.loc[list(test_ids)]
-    scaler = Standardizer.fit(train, owner.features, clip=FEATURE_CLIP)
-    xs = {"train": scaler.transform(train)[owner.features].to_numpy(np.float64),
-          "test": scaler.transform(test)[owner.features].to_numpy(np.float64)}
-    ys = {split: part[label_col].to_numpy(np.int64) for split, part in (("train", train), ("test", test))} \
-        if label_col else {}
     offset = shapes.feature_offset(cfg, owner.name)
     generation = f"g-tiled-{os.urandom(4).hex()}"
     manifest = {"format": 1, "owner": owner.name, "key_id": key_id, "features": owner.features,

@@ -96,3 +96,42 @@ def polynomial_from_slots(values: np.ndarray, n: int) -> np.ndarray:
     k = np.arange(n)
     # s_k = (1/n) Σ_t E_t ζ^{-(2t+1)k} = ζ^{-k}/n · Σ_t E_t e^{-2πi tk/n}
     return np.real(np.exp(-1j * np.pi * k / n) * np.fft.fft(evals) / n)
+
+
+def _cyclic_ntt(a: list[int], w: int, q: int) -> list[int]:
+    """Σ_m a_m w^(mk) mod q for every k (radix-2, Python integers)."""
+    n = len(a)
+    if n == 1:
+        return a
+    even, odd = _cyclic_ntt(a[0::2], w * w % q, q), _cyclic_ntt(a[1::2], w * w % q, q)
+    out, t = [0] * n, 1
+    for k in range(n // 2):
+        x = odd[k] * t % q
+        out[k], out[k + n // 2] = (even[k] + x) % q, (even[k] - x) % q
+        t = t * w % q
+    return out
+
+
+def ntt(coeffs: list[int], q: int) -> list[int]:
+    """SEAL's NTT form of an integer polynomial: entry j is a(ψ^(2·bitrev(j)+1))."""
+    n = len(coeffs)
+    psi, bits = minimal_root(n, q), n.bit_length() - 1
+    twisted, t = [], 1
+    for c in coeffs:
+        twisted.append(int(c) % q * t % q)
+        t = t * psi % q
+    natural = _cyclic_ntt(twisted, psi * psi % q, q)  # entry m: a(ψ^(2m+1))
+    return [natural[bit_reverse(j, bits)] for j in range(n)]
+
+
+def intt(values: list[int], q: int) -> list[int]:
+    """The coefficients (mod q, in [0, q)) of a polynomial given in SEAL's NTT form."""
+    n = len(values)
+    psi, bits = minimal_root(n, q), n.bit_length() - 1
+    natural = [int(values[bit_reverse(m, bits)]) for m in range(n)]
+    d = _cyclic_ntt(natural, pow(psi, -2, q), q)
+    inv_n, inv_psi, out, t = pow(n, -1, q), pow(psi, -1, q), [], 1
+    for k in range(n):
+        out.append(d[k] * inv_n % q * t % q)
+        t = t * inv_psi % q
+    return out

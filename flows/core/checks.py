@@ -26,6 +26,7 @@ def check_model(cfg) -> None:
         raise ValueError("model.layers[0] must be linear: the encrypted input enters through it")
     _check_policy_split(cfg)
     _check_rank(cfg)
+    _check_untrusted(cfg)
     last = [layer for layer in cfg.model.layers if layer.kind == "linear"][-1]
     want = 1 if cfg.model.loss == "binary_cross_entropy" else cfg.data.num_classes
     if last.out_features != want:
@@ -118,3 +119,34 @@ def _check_rank(cfg) -> None:
                 f"(at least out_features, so one reveal fits; below in_features, so the trainer never "
                 f"holds full rank); got {point.max_rank}"
             )
+
+
+def _check_untrusted(cfg) -> None:
+    """What policy.trainer: untrusted (verified reveals of the key holder's own first layer) needs."""
+    if cfg.policy.trainer != "untrusted":
+        return
+    first = cfg.model.layers[0]
+    where = "policy.trainer: untrusted"
+    if cfg.policy.labels != "reveal":
+        raise ValueError(f"{where} needs policy.labels: reveal in this version (encrypted labels need products "
+                         f"with a non-constant plaintext, which the key holder cannot verify); got {cfg.policy.labels}")
+    if cfg.policy.cipher_layers != [first.name] or first.name not in cfg.policy.reveals:
+        raise ValueError(f"{where} needs the first layer '{first.name}' as the one ciphertext layer and reveal point "
+                         f"(policy.cipher_layers: [{first.name}], policy.reveals: {{{first.name}: {{}}}})")
+    if cfg.policy.dp is not None:
+        raise ValueError(f"{where} reveals no gradient, so policy.dp (noise on gradient reveals) has nothing to act "
+                         f"on; remove it")
+    if cfg.report.plaintext_twin:
+        raise ValueError(f"{where} forbids report.plaintext_twin: true, which makes the trainer's process read "
+                         f"every owner's plaintext")
+    if cfg.key_holder.url is not None:
+        raise ValueError(f"{where} runs with the in-process key holder in this version: the key-holder service "
+                         f"has no verified-reveal endpoint yet (unset key_holder.url)")
+    deployed = [o.name for o in cfg.data.owners if o.deployment]
+    if deployed:
+        raise ValueError(f"{where} prepares owners in-process in this version; owners {deployed} are given by "
+                         f"'deployment'")
+    d = shapes.input_width(cfg)
+    if first.out_features >= d and not cfg.policy.reveals[first.name].allow_invertible:
+        raise ValueError(f"{where}: layer '{first.name}' has out_features={first.out_features} >= {d} inputs, so "
+                         f"its revealed outputs would give the inputs back; use at most {d - 1} outputs")

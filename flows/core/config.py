@@ -113,6 +113,9 @@ class PolicyConfig(_Strict):
     mask_bound: float = Field(64.0, gt=0.0)
     flooding: FloodingConfig = FloodingConfig()
     dp: DpConfig | None = None
+    # semi_honest: the key holder checks what the trainer declares; untrusted: it decrypts only reveals it can
+    # verify (mpc_ops/reveal/verified.py), the ciphertext layer's weights are its own and never train
+    trainer: Literal["semi_honest", "untrusted"] = "semi_honest"
 
 
 class CkksConfig(_Strict):

@@ -21,7 +21,7 @@ KEY_HOLDER_RETRY_DELAYS = (1.0, 2.0, 4.0)
 
 
 def call_key_holder(client: KeyHolderClient, request: RevealRequest,
-                    delays=KEY_HOLDER_RETRY_DELAYS) -> RevealResponse:
+                    delays=KEY_HOLDER_RETRY_DELAYS, method: str = "reveal") -> RevealResponse:
     """One blinded reveal, retried on transient I/O faults only, never on a refusal or bad input.
 
     Not a task of its own: a round makes two reveals per batch, and as task runs they cost
@@ -29,7 +29,7 @@ def call_key_holder(client: KeyHolderClient, request: RevealRequest,
     """
     for delay in (*delays, None):
         try:
-            return client.reveal(request)
+            return getattr(client, method)(request)
         except HetrainError:
             raise
         except (OSError, ConnectionError, TimeoutError) as exc:
@@ -64,6 +64,15 @@ class Revealer:
         return unblind(enc, response, masks)
 
     __call__ = reveal
+
+    def reveal_verified(self, request, masks: np.ndarray) -> np.ndarray:
+        """A verified reveal (its mask is owner-made and already inside the ciphertext): ask, subtract the mask."""
+        response = call_key_holder(self.client, request, self.delays, method="reveal_verified")
+        failpoint("round.after_reveal")
+        self.to_key_holder += request.n_bytes
+        self.from_key_holder += sum(v.nbytes for v in response.values)
+        self.reveals += 1
+        return response.values[0] - masks
 
     def traffic(self) -> dict:
         """This round's key-holder traffic, as the metrics row names it."""

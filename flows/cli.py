@@ -98,6 +98,10 @@ def cmd_bench(args) -> int:
                          "(pip install -e '.[test]')", code=1)
 
         return faults_main(args.out)
+    if args.leakage:
+        from hetrain.bench.leakage.harness import main as leakage_main
+
+        return leakage_main(args.out)
     from hetrain.bench.runner import main as bench_main
 
     return bench_main(args.quick, args.out, tiny=args.tiny)
@@ -245,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", action="store_true",
                    help="fault injection instead: SIGKILL, a full disk and corrupt manifests, each resumed and "
                         "checked for data loss and torn checkpoints (docs/SECURITY.md)")
-    p.add_argument("--out", help="JSON path (default bench/out/bench-<mode>.json, or bench/out/faults.json with "
-                                 "--faults); the .md (and PNGs) go beside it")
+    p.add_argument("--leakage", action="store_true",
+                   help="privacy instead: attack the key holder as a deviating trainer, and measure what an honest "
+                        "trainer can reconstruct, per trainer mode (docs/SECURITY.md)")
+    p.add_argument("--out", help="JSON path (default bench/out/bench-<mode>.json, bench/out/faults.json with "
+                                 "--faults, bench/out/leakage.json with --leakage); the .md (and PNGs) go beside it")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("audit", help="check the key holder's hash-chained audit log")

@@ -291,13 +291,43 @@ def test_ciphertext_under_another_holders_key_is_refused_instead_of_decrypted_to
 
     # Execute
     with pytest.raises(ForeignKeyError, match=(
-        r"decrypted values reach \S+, beyond the headroom of 512: the ciphertext was made under another key"
+        r"^a flooded decrypted value is beyond the headroom of 512: the ciphertext was made under another key "
+        r"or overflowed its scale$"
     )) as exc_info:
         holder.reveal(request)
 
     # Assert: audited as a refusal; the decryption was attempted, so it is charged
     assert_refused_and_audited(holder, exc_info, "ForeignKeyError", used_before=1)
     assert other.decryptions_used == 0
+
+
+def request_holding(holder, public, first: float) -> RevealRequest:
+    """A gradient request whose ciphertext holds `first` in slot 0 and VALUES[1:] in slots 1..3."""
+    request = make_request(holder, public)
+    slots = np.zeros(SLOTS)
+    slots[: len(VALUES)] = [first, *VALUES[1:]]
+    request.blobs = [product_blob(public, slots)]
+    return request
+
+
+@pytest.mark.parametrize("first, shift, refused", [(600.0, -200.0, False), (400.0, 200.0, True)])
+def test_headroom_check_sees_only_flooded_values(keys, monkeypatch, first, shift, refused):
+    # Prepare: flooding that shifts every value by `shift`, so the raw and flooded values fall on
+    # opposite sides of the headroom of 512
+    holder, public = keys
+    from hetrain.participants import key_holder as kh_module
+    monkeypatch.setattr(kh_module.flooding, "flood", lambda v, sigma: v + shift)
+    request = request_holding(holder, public, first)
+
+    # Execute / Assert: the decision follows the flooded value, and a refusal names no value
+    if refused:
+        with pytest.raises(ForeignKeyError, match=r"^a flooded decrypted value is beyond the headroom of 512: ") as exc:
+            holder.reveal(request)
+        assert "400" not in str(exc.value) and "600" not in str(exc.value)
+        assert_refused_and_audited(holder, exc, "ForeignKeyError", used_before=1)
+    else:
+        response = holder.reveal(request)
+        assert response.values[0][0] == pytest.approx(first + shift, abs=1e-3)
 
 
 def test_ciphertext_with_a_corrupt_seal_payload_is_refused_audited_and_its_charge_persisted(keys):

@@ -236,7 +236,9 @@ class KeyHolder:
             **details,
         }
         line = json.dumps(entry, sort_keys=True)
-        with open(self.directory / AUDIT_FILE, "a") as fh:
+        fd = os.open(self.directory / AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # also a log an older version created 0644
+        with os.fdopen(fd, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
         self._seq, self._last_hash = self._seq + 1, hashlib.sha256(line.encode()).hexdigest()

@@ -17,6 +17,7 @@ from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, P
 from hetrain.core.params import CkksParams
 from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
+from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE
 from hetrain.participants.key_holder import AUDIT_FILE, STATE_FILE, KeyHolder
 
 pytestmark = pytest.mark.integration  # TenSEAL keys
@@ -374,6 +375,23 @@ def test_audit_entries_are_hash_chained_across_allows_refusals_and_a_reopen(tmp_
         assert entry["prev"] == hashlib.sha256(previous.encode()).hexdigest()
     state = json.loads((directory / STATE_FILE).read_text())
     assert state["audit_head"] == hashlib.sha256(lines[-1].encode()).hexdigest()
+
+
+def test_audit_log_is_created_owner_only_and_an_older_world_readable_one_is_tightened(tmp_path):
+    # Prepare: one holder writes a fresh log; a second directory holds a log an older version made 0644
+    holder, public = make_holder(tmp_path / "fresh")
+    old, old_public = make_holder(tmp_path / "old")
+    (old.directory / AUDIT_FILE).touch(mode=0o644)
+    (old.directory / AUDIT_FILE).chmod(0o644)
+
+    # Execute
+    holder.reveal(make_request(holder, public))
+    old.reveal(make_request(old, old_public))
+
+    # Assert
+    for kh in (holder, old):
+        assert (kh.directory / AUDIT_FILE).stat().st_mode & 0o777 == 0o600
+        assert (kh.directory / LEDGER_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_reopening_the_directory_keeps_the_key_and_the_decryptions_used(tmp_path):

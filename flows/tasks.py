@@ -127,9 +127,10 @@ def build_learners(rt: Runtime, round_no: int, traffic: Traffic) -> tuple[Learne
                      CipherLinear(name, model.input.W, rt.context, rt.plan, rt.cfg.ckks.params().headroom,
                                   rt.cfg.policy.mask_bound, job_runner(rt),
                                   gradient_gain_cap=1.0 if dp else None),
-                     cipher_reveal(rt, round_no, traffic), dp_clip=clip, cache_frozen=True)
+                     cipher_reveal(rt, round_no, traffic), dp_clip=clip, cache_frozen=True,
+                     min_rows=rt.cfg.policy.min_batch)
     twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),
-                   lambda x: x, dp_clip=clip) if rt.cfg.report.plaintext_twin else None
+                   lambda x: x, dp_clip=clip, min_rows=rt.cfg.policy.min_batch) if rt.cfg.report.plaintext_twin else None
     return hybrid, twin
 
 

@@ -17,10 +17,11 @@ from tests.conftest import REPO, write_config
 
 
 def _raw(demo: Path) -> dict:
-    """The shipped breast_cancer config as a mapping, owners pointing at the session's demo tables."""
+    """The shipped breast_cancer config as a mapping, owners pointing at the session's demo tables, twin on."""
     raw = yaml.safe_load((REPO / "configs" / "breast_cancer.yaml").read_text())
     for owner in raw["data"]["owners"]:
         owner["path"] = str(demo / "breast_cancer" / Path(owner["path"]).name)
+    raw["report"]["plaintext_twin"] = True  # the run is compared with its twin
     return raw
 
 

@@ -131,7 +131,7 @@ class PackingConfig(_Strict):
 
 
 class ReportConfig(_Strict):
-    plaintext_twin: bool = True
+    plaintext_twin: bool = False  # true: the trainer's process reads the owners' plaintext (diagnostic only)
 
 
 class KeyHolderConfig(_Strict):

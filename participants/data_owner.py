@@ -22,15 +22,11 @@ from hetrain.core.errors import SchemaError
 from hetrain.core.failpoints import failpoint
 from hetrain.mpc_ops.layers.packing import FEATURE_CLIP, PackingPlan
 
+from hetrain.participants import pseudonyms
 from hetrain.participants.table import Standardizer, batches, load_table, split_ids
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def hashed_ids(ids: np.ndarray, seed: int) -> list[str]:
-    """Keyed pseudonyms of IDs, published so the trainer can check vertical alignment."""
-    return [hashlib.sha256(f"id:{seed}:{v}".encode()).hexdigest()[:24] for v in ids]
 
 
 def _batch_slices(n: int, batch_size: int, min_batch: int) -> list[slice]:
@@ -41,10 +37,12 @@ def _batch_slices(n: int, batch_size: int, min_batch: int) -> list[slice]:
     return slices
 
 
-def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: str, data_sha256: str) -> str:
+def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: str, data_sha256: str,
+               pseudonym_key: bytes = b"") -> str:
     """Everything the bundle depends on; an unchanged key means the bundle can be reused."""
     spec = {
         "format": FORMAT_VERSION, "key_id": key_id, "data_sha256": data_sha256, "seed": cfg.seed,
+        "pseudonym_key": pseudonyms.fingerprint(pseudonym_key),
         "features": owner.features, "label": owner.label, "batch_size": cfg.train.batch_size,
         "min_batch": cfg.policy.min_batch, "test_fraction": cfg.data.test_fraction,
         "slots": plan.slots, "seg": plan.seg, "forward": plan.forward, "labels": cfg.policy.labels,
@@ -64,7 +62,8 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     key_id = ckks.key_id(context)
     out = Path(exchange_dir) / owner.name
     data_sha256 = store.sha256_file(owner.path) if owner.path.is_file() else ""
-    key = bundle_key(cfg, owner, plan, key_id, data_sha256)
+    id_key = pseudonyms.owner_key(cfg, owner)
+    key = bundle_key(cfg, owner, plan, key_id, data_sha256, id_key)
     reusable = _reusable(out, key, twin_dir, owner.name)
     if reusable is not None:
         return reusable
@@ -74,6 +73,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
                        feature_columns=owner.features, label_column=label_col)
     train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed,
                                     test_fraction=cfg.data.test_fraction)
+    train_ids, test_ids = pseudonyms.keyed_order(train_ids, id_key), pseudonyms.keyed_order(test_ids, id_key)
     indexed = frame.set_index(cfg.data.id_column)
     train, test = indexed.loc[list(train_ids)], indexed.loc[list(test_ids)]
     scaler = Standardizer.fit(train, owner.features, clip=FEATURE_CLIP)
@@ -101,7 +101,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
         slices = _batch_slices(len(x), cfg.train.batch_size, cfg.policy.min_batch)
         manifest["splits"][split] = {
             "n": len(x),
-            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(pseudonyms.pseudonyms(ids, id_key)).encode()),
             "batches": [_encrypt_batch(context, plan, x[sl], out, f"{generation}/{split}", b,
                                        with_cols=(split == "train")) for b, sl in enumerate(slices)],
         }

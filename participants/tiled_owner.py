@@ -23,7 +23,8 @@ from hetrain.core.config import OwnerConfig, RunConfig
 from hetrain.mpc_ops.layers.packing import FEATURE_CLIP
 from hetrain.mpc_ops.layers.tiled import Tiling
 
-from hetrain.participants.data_owner import _npy, _write, hashed_ids
+from hetrain.participants import pseudonyms
+from hetrain.participants.data_owner import _npy, _write
 from hetrain.participants.table import Standardizer, load_table, split_ids
 
 MANIFEST = "manifest.json"
@@ -53,7 +54,9 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, tiling: T
     label_col = cfg.data.label_column if owner.label else None
     frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
                        feature_columns=owner.features, label_column=label_col)
+    id_key = pseudonyms.owner_key(cfg, owner)
     train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed, test_fraction=cfg.data.test_fraction)
+    train_ids, test_ids = pseudonyms.keyed_order(train_ids, id_key), pseudonyms.keyed_order(test_ids, id_key)
     indexed = frame.set_index(cfg.data.id_column)
     train, test = indexed.loc[list(train_ids)], indexed.loc[list(test_ids)]
     scaler = Standardizer.fit(train, owner.features, clip=FEATURE_CLIP)
@@ -85,7 +88,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, tiling: T
             batches.append(entry)
         manifest["splits"][split] = {
             "n": len(x), "batches": batches,
-            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(pseudonyms.pseudonyms(ids, id_key)).encode()),
         }
     if label_col and cfg.policy.labels == "reveal":
         manifest["labels"] = {split: _write(out, generation, f"{split}/labels.npy", _npy(ys[split]))

@@ -46,8 +46,8 @@ def load_config(source: "str | os.PathLike | Mapping[str, Any] | RunConfig", *,
 
 def _absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
     """Owner tables, key-holder files and a folder exchange URL made absolute against `base`."""
-    owners = [o if o.path is None else o.model_copy(update={"path": (base / o.path).resolve()})
-              for o in cfg.data.owners]
+    owners = [o.model_copy(update={k: (base / v).resolve() for k in ("path", "pseudonym_key_file")
+                                   if (v := getattr(o, k)) is not None}) for o in cfg.data.owners]
     files = {k: str((base / v).resolve()) for (_, k) in PATH_KEYS
              if (v := getattr(cfg.key_holder, k)) is not None}
     exchange = cfg.exchange

@@ -89,8 +89,8 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         cfg = parse_config(_environment_overrides(raw), str(path))
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to validate") from None
-    owners = [o if o.path is None else o.model_copy(update={"path": (path.parent / o.path).resolve()})
-              for o in cfg.data.owners]
+    owners = [o.model_copy(update={k: (path.parent / v).resolve() for k in ("path", "pseudonym_key_file")
+                                   if (v := getattr(o, k)) is not None}) for o in cfg.data.owners]
     data = cfg.data.model_copy(update={"owners": owners})
     files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()
              if k in KEY_HOLDER_FILES and v is not None}

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hetrain.core.config import RunConfig
-from hetrain.mpc_ops.reveal.dp import clip_rows
+from hetrain.mpc_ops.reveal.dp import clip_rows, drop_sparse_columns
 from hetrain.mpc_ops.layers.optim import build_optimizer
 from hetrain.mpc_ops.layers.model import Model  # lives below the engine: depth_plan runs it too
 
@@ -46,9 +46,10 @@ class Learner:
     """
 
     def __init__(self, model: Model, optimizer, front, reveal: Callable, *, dp_clip: float | None = None,
-                 cache_frozen: bool = False):
+                 cache_frozen: bool = False, min_rows: int = 1):
         self.model, self.optimizer, self.front, self.reveal = model, optimizer, front, reveal
         self.dp_clip, self.cache_frozen = dp_clip, cache_frozen
+        self.min_rows = min_rows  # policy.min_batch: a δ column over fewer samples is zeroed, never revealed
         self.input_frozen = False
         self.frozen_cache: dict[str, np.ndarray] = {}
 
@@ -75,6 +76,7 @@ class Learner:
         frozen_key = f"{self.model.input.name}.W"
         if not self.input_frozen:
             delta = clip_rows(grad_z, self.dp_clip) if self.dp_clip else grad_z
+            delta = drop_sparse_columns(delta, self.min_rows)
             self.model.input.grad_W = self.reveal(self.front.backward(delta))
         params, grads = self.model.parameters(), self.model.grads()
         if self.input_frozen:

@@ -41,9 +41,9 @@ def build_learners(rt: Runtime, revealer: Revealer) -> tuple[Learner, Learner | 
                      CipherLinear(name, model.input.W, rt.context, rt.plan, rt.cfg.ckks.params().headroom,
                                   rt.cfg.policy.mask_bound, job_runner(rt),
                                   gradient_gain_cap=1.0 if dp else None),
-                     revealer.reveal, dp_clip=clip, cache_frozen=True)
+                     revealer.reveal, dp_clip=clip, cache_frozen=True, min_rows=rt.cfg.policy.min_batch)
     twin = Learner(twin_model, make_optimizer(rt.cfg), PlainInputLinear(name, twin_model.input.W),
-                   lambda x: x, dp_clip=clip) if rt.cfg.report.plaintext_twin else None
+                   lambda x: x, dp_clip=clip, min_rows=rt.cfg.policy.min_batch) if rt.cfg.report.plaintext_twin else None
     return hybrid, twin
 
 

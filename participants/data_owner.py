@@ -23,15 +23,11 @@ from hetrain.core.errors import SchemaError
 from hetrain.core.failpoints import failpoint
 from hetrain.mpc_ops.layers.packing import FEATURE_CLIP, PackingPlan
 
+from hetrain.participants import pseudonyms
 from hetrain.participants.table import Standardizer, batches, load_table, split_ids
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def hashed_ids(ids: np.ndarray, seed: int) -> list[str]:
-    """Keyed pseudonyms of IDs, published so the trainer can check vertical alignment."""
-    return [hashlib.sha256(f"id:{seed}:{v}".encode()).hexdigest()[:24] for v in ids]
 
 
 def _batch_slices(n: int, batch_size: int, min_batch: int) -> list[slice]:
@@ -47,17 +43,25 @@ class OwnerSplit:
     """One owner's table, validated, split by keyed hash and standardised on its training rows."""
 
     x: dict  # split -> (n, features) standardised and clipped
-    ids: dict  # split -> IDs in the canonical order
+    ids: dict  # split -> IDs in the published order (keyed by the owners' pseudonym key)
     y: dict  # split -> labels (label owner only, else empty)
     data_sha256: str
+    pseudonym_key: bytes  # the owners' secret: published IDs are HMACs under it
+
+    def published(self, ids: np.ndarray) -> list[str]:
+        """The pseudonyms of `ids` as the owner publishes them (never invertible without the key)."""
+        return pseudonyms.pseudonyms(ids, self.pseudonym_key)
 
 
 def load_split(cfg: RunConfig, owner: OwnerConfig) -> OwnerSplit:
-    """Load and validate the owner's table, split it and standardise its features (statistics from train)."""
+    """Load and validate the owner's table, split it (seed-keyed) and order each split under the owners'
+    pseudonym key; standardise its features with statistics from its training rows."""
     label_col = cfg.data.label_column if owner.label else None
     frame = load_table(owner.path, owner=owner.name, id_column=cfg.data.id_column,
                        feature_columns=owner.features, label_column=label_col)
+    id_key = pseudonyms.owner_key(cfg, owner)
     train_ids, test_ids = split_ids(frame[cfg.data.id_column], seed=cfg.seed, test_fraction=cfg.data.test_fraction)
+    train_ids, test_ids = pseudonyms.keyed_order(train_ids, id_key), pseudonyms.keyed_order(test_ids, id_key)
     indexed = frame.set_index(cfg.data.id_column)
     parts = {"train": indexed.loc[list(train_ids)], "test": indexed.loc[list(test_ids)]}
     scaler = Standardizer.fit(parts["train"], owner.features, clip=FEATURE_CLIP)
@@ -72,13 +76,15 @@ def load_split(cfg: RunConfig, owner: OwnerConfig) -> OwnerSplit:
         x={s: scaler.transform(p)[owner.features].to_numpy(np.float64) for s, p in parts.items()},
         ids={"train": np.asarray(train_ids), "test": np.asarray(test_ids)},
         y={s: p[label_col].to_numpy(np.int64) for s, p in parts.items()} if label_col else {},
-        data_sha256=store.sha256_file(owner.path) if owner.path.is_file() else "")
+        data_sha256=store.sha256_file(owner.path) if owner.path.is_file() else "", pseudonym_key=id_key)
 
 
-def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: str, data_sha256: str) -> str:
+def bundle_key(cfg: RunConfig, owner: OwnerConfig, plan: PackingPlan, key_id: str, data_sha256: str,
+               pseudonym_key: bytes = b"") -> str:
     """Everything the bundle depends on; an unchanged key means the bundle can be reused."""
     spec = {
         "format": FORMAT_VERSION, "key_id": key_id, "data_sha256": data_sha256, "seed": cfg.seed,
+        "pseudonym_key": pseudonyms.fingerprint(pseudonym_key),
         "features": owner.features, "label": owner.label, "batch_size": cfg.train.batch_size,
         "min_batch": cfg.policy.min_batch, "test_fraction": cfg.data.test_fraction,
         "slots": plan.slots, "seg": plan.seg, "forward": plan.forward, "labels": cfg.policy.labels,
@@ -98,7 +104,8 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
     key_id = ckks.key_id(context)
     out = Path(exchange_dir) / owner.name
     data_sha256 = store.sha256_file(owner.path) if owner.path.is_file() else ""
-    key = bundle_key(cfg, owner, plan, key_id, data_sha256)
+    id_key = pseudonyms.owner_key(cfg, owner)
+    key = bundle_key(cfg, owner, plan, key_id, data_sha256, id_key)
     reusable = _reusable(out, key, twin_dir, owner.name)
     if reusable is not None:
         return reusable
@@ -121,7 +128,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, plan: Pac
         slices = _batch_slices(len(x), cfg.train.batch_size, cfg.policy.min_batch)
         manifest["splits"][part] = {
             "n": len(x),
-            "ids": _write(out, generation, f"{part}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "ids": _write(out, generation, f"{part}/ids.json", json.dumps(split.published(ids)).encode()),
             "batches": [_encrypt_batch(context, plan, x[sl], out, f"{generation}/{part}", b,
                                        with_cols=(part == "train")) for b, sl in enumerate(slices)],
         }

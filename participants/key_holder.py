@@ -174,16 +174,20 @@ class KeyHolder:
                 flooding.error_bound(self.params.scale_bits, self.params.poly_modulus_degree, max(request.stride),
                                      depth=depth, tiled=self._tiled),
             )
+            details = {}
+            if request.kind == "gradient" and self.policy.dp is not None:
+                # DP noise on the values as decrypted: the trainer caps its gradient gain at 1, so the
+                # noise it sees after dividing by the gain is at least dp_sigma.
+                details["dp_sigma"] = dp.sigma(self.policy.dp, self.shapes[request.layer].in_features,
+                                               request.aggregate)
+                values = [dp.add_noise(v, details["dp_sigma"]) for v in values]
+            # Flood first, then check: no decision and no message depends on an un-flooded value
+            # (a refusal on raw values would be a comparison oracle a binary search over masks reads).
+            flooded = [flooding.flood(v, sigma) for v in values]
+            self._check_headroom(flooded)
         except (PolicyRefusal, BundleError) as exc:
             self._audit(request, "refuse", rule=getattr(exc, "rule", type(exc).__name__), message=str(exc))
             raise
-        details = {}
-        if request.kind == "gradient" and self.policy.dp is not None:
-            # DP noise on the values as decrypted: the trainer caps its gradient gain at 1, so the
-            # noise it sees after dividing by the gain is at least dp_sigma.
-            details["dp_sigma"] = dp.sigma(self.policy.dp, self.shapes[request.layer].in_features, request.aggregate)
-            values = [dp.add_noise(v, details["dp_sigma"]) for v in values]
-        flooded = [flooding.flood(v, sigma) for v in values]
         self._audit(request, "allow", sigma=sigma, slots_revealed=int(sum(request.counts)), **details)
         return RevealResponse(request.request_id, flooded, sigma, self.decryptions_used)
 
@@ -196,13 +200,17 @@ class KeyHolder:
             values = np.asarray(vector.decrypt())[: stride * count : stride]
         except (RuntimeError, ValueError, TypeError) as exc:  # TenSEAL/SEAL reject a corrupt payload
             raise BundleError(f"ciphertext cannot be loaded or decrypted: {exc}") from None
+        return values, max(1, depth)
+
+    def _check_headroom(self, flooded: list[np.ndarray]) -> None:
+        """Refuse flooded values beyond the headroom (a foreign key decrypts to ~1e31); the message
+        names the limit only, never a value."""
         limit = self.params.headroom
-        if not np.all(np.isfinite(values)) or np.abs(values).max() > limit:
+        if not all(np.all(np.isfinite(v)) and np.all(np.abs(v) <= limit) for v in flooded):
             raise ForeignKeyError(
-                f"decrypted values reach {np.abs(values).max():.3g}, beyond the headroom of {limit:g}: "
+                f"a flooded decrypted value is beyond the headroom of {limit:g}: "
                 f"the ciphertext was made under another key or overflowed its scale"
             )
-        return values, max(1, depth)
 
     # ---- the verified reveal (policy.trainer: untrusted) ---------------------------------------
     def _verified_keys(self) -> VerifiedKeys:
@@ -297,7 +305,9 @@ class KeyHolder:
             **details,
         }
         line = json.dumps(entry, sort_keys=True)
-        with open(self.directory / AUDIT_FILE, "a") as fh:
+        fd = os.open(self.directory / AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # also a log an older version created 0644
+        with os.fdopen(fd, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
         self._seq, self._last_hash = self._seq + 1, hashlib.sha256(line.encode()).hexdigest()

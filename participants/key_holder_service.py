@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import re
 import ssl
 import sys
 import threading
@@ -43,6 +44,12 @@ from hetrain.participants.key_holder import SECRET_FILE, KeyHolder
 
 log = logging.getLogger("hetrain.key_holder")
 RECENT_RESPONSES = 32  # answers kept per request_id, so a retried request is not decrypted twice
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_safe(value) -> str:
+    """`value` as one log line: control characters (newlines included) escaped as \\xNN / \\uNNNN."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
 
 
 def max_reveal_blobs(cfg: RunConfig) -> int:
@@ -124,7 +131,8 @@ def build_app(holder: KeyHolder, token: str, *, max_body: int, max_blobs: int, m
     @app.exception_handler(_Refused)
     async def refused(request: Request, exc: _Refused) -> JSONResponse:
         client = request.client.host if request.client else "?"
-        log.warning("%s %s from %s: %d %s (%s)", request.method, request.url.path, client, exc.status, exc.error, exc)
+        log.warning("%s %s from %s: %d %s (%s)", request.method, log_safe(request.url.path), log_safe(client),
+                    exc.status, exc.error, log_safe(exc))
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.error, "message": str(exc)}, exc.status, headers=headers)
 
@@ -152,10 +160,10 @@ def build_app(holder: KeyHolder, token: str, *, max_body: int, max_blobs: int, m
         except HetrainError as exc:
             status, answer = error_answer(exc)
             log.warning("reveal refused: %d %s%s: %s", status, answer["error"],
-                        f" ({answer['rule']})" if "rule" in answer else "", answer["message"])
+                        f" ({log_safe(answer['rule'])})" if "rule" in answer else "", log_safe(answer["message"]))
             return JSONResponse(answer, status)
-        log.info("reveal %s round %d %s %s: %d ciphertexts %s in %.0f ms", req.request_id[:12], req.round, req.kind,
-                 req.layer, len(req.blobs), "replayed" if replay else "decrypted", 1000 * (time.perf_counter() - start))
+        log.info("reveal %s round %d %s %s: %d ciphertexts %s in %.0f ms", log_safe(req.request_id[:12]), req.round,
+                 log_safe(req.kind), log_safe(req.layer), len(req.blobs), "replayed" if replay else "decrypted", 1000 * (time.perf_counter() - start))
         return Response(frame, media_type=reveal_wire.MEDIA_TYPE)
 
     return app
@@ -223,10 +231,15 @@ def serve(cfg: RunConfig, config_path: Path, key_dir: str | Path, *, host: str =
     print(f"hetrain key-holder: serving {scheme}://{host}:{port}/v1 (max body {max_body / 2**20:.1f} MB, "
           f"{max_blobs} ciphertexts per reveal{', client certificates required' if tls_client_ca else ''}); "
           f"Ctrl-C stops it", flush=True)
+    from hetrain.participants.http_timeouts import MAX_HEADER_BYTES, header_timeout_protocol
+
+    # h11 with a header timeout (uvicorn times out idle keep-alive connections only) and a small
+    # limit on an unfinished request line and headers
     server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, http="h11", lifespan="off", access_log=False, log_level="warning",
-        timeout_keep_alive=30, timeout_graceful_shutdown=5, server_header=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key, ssl_ca_certs=tls_client_ca,
-        ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
+        app, host=host, port=port, http=header_timeout_protocol(), lifespan="off", access_log=False,
+        log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5, server_header=False,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+        ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
     ))
     try:
         server.run()

@@ -22,7 +22,7 @@ from hetrain.core import shapes, store
 from hetrain.core.config import OwnerConfig, RunConfig
 from hetrain.mpc_ops.layers.tiled import Tiling
 
-from hetrain.participants.data_owner import _npy, _write, hashed_ids, load_split
+from hetrain.participants.data_owner import _npy, _write, load_split
 
 MANIFEST = "manifest.json"
 
@@ -76,7 +76,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, tiling: T
             batches.append(entry)
         manifest["splits"][split] = {
             "n": len(x), "batches": batches,
-            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(hashed_ids(ids, cfg.seed)).encode()),
+            "ids": _write(out, generation, f"{split}/ids.json", json.dumps(data.published(ids)).encode()),
         }
     if label_col and cfg.policy.labels == "reveal":
         manifest["labels"] = {split: _write(out, generation, f"{split}/labels.npy", _npy(ys[split]))

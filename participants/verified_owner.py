@@ -20,7 +20,7 @@ from hetrain.core.config import OwnerConfig, RunConfig
 from hetrain.core.failpoints import failpoint
 from hetrain.mpc_ops.crypto import ckks, flooding, ring
 from hetrain.mpc_ops.reveal import verified
-from hetrain.participants.data_owner import _npy, _write, hashed_ids, load_split
+from hetrain.participants.data_owner import _npy, _write, load_split
 
 MANIFEST = "manifest.json"
 TAGS_FILE = "verified_tags.json"  # in the owner's own folder: what it sent the key holder, to send again
@@ -69,7 +69,7 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, mac_key: 
     for part in ("train", "test"):
         x, ids, y = split.x[part], split.ids[part], split.y.get(part)
         for sl in chunks(len(x), slots):
-            pseudonyms = hashed_ids(ids[sl], cfg.seed)
+            pseudonyms = split.published(ids[sl])
             chunk = verified.chunk_id(None if cfg.data.partition == "vertical" else owner.name, part, key_id,
                                       pseudonyms)
             n = sl.stop - sl.start

@@ -129,12 +129,14 @@ def ckks_keys(tmp_path_factory):
 
 
 def write_config(tmp_path: Path, demo: Path, name: str = "breast_cancer", **train) -> Path:
-    """A copy of a shipped config pointing at the session's demo tables, with train overrides."""
+    """A copy of a shipped config pointing at the session's demo tables, with train overrides and the
+    plaintext twin on (the shipped configs leave it off)."""
     raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     folder = "breast_cancer" if name == "breast_cancer" else "digits"
     for owner in raw["data"]["owners"]:
         owner["path"] = str(demo / folder / Path(owner["path"]).name)
     raw["train"].update(train)
+    raw.setdefault("report", {})["plaintext_twin"] = True  # tests compare the encrypted run with its twin
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

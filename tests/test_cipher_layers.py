@@ -175,3 +175,32 @@ def test_gain_scaling_divides_the_flooding_noise_without_leaving_the_headroom(ck
         assert gain * FEATURE_CLIP * np.abs(delta[:, k]).sum() <= room + 1e-9
         assert gain > 1.0
     np.testing.assert_allclose(revealed, x.T @ delta, rtol=0, atol=tolerance(sigma))
+
+
+@pytest.mark.parametrize("forward", ["rows", "column"])
+def test_a_zero_delta_column_and_a_zero_weight_column_reveal_zero_and_training_goes_on(ckks_keys, forward):
+    # Prepare: a dead unit (its δ column is all zero) and an all-zero weight column, two owners
+    holder, public = ckks_keys
+    rng = np.random.default_rng(5)
+    plan = PackingPlan.for_features([32, 32], holder.params.slots, forward=forward)
+    x = rng.normal(size=(100, 64)).clip(-4, 4)
+    w = rng.normal(scale=0.1, size=(64, H))
+    w[:, 2] = 0.0
+    delta = rng.normal(scale=0.1, size=(100, H))
+    delta[:, 3] = 0.0
+    layer = CipherLinear("enc1", w, public, plan, holder.params.headroom, MASK_BOUND)
+    batch = encrypt_batch(public, plan, x, [32, 32])
+    if forward == "column":
+        for part in batch.parts:
+            cols_x = x[:, part.feature_index]
+            part.column = [ckks.encrypt(public, v) for sl in plan.column_chunks(len(x))
+                           for v in plan.column_vectors(cols_x[sl])]
+
+    # Execute: both reveals go through the key holder (before the fix: BundleError, a level too high)
+    z, z_sigma = reveal(layer.forward(batch), ckks_keys)
+    g, g_sigma = reveal(layer.backward(delta), ckks_keys)
+
+    # Assert
+    np.testing.assert_allclose(z, x @ w, rtol=0, atol=tolerance(z_sigma))
+    np.testing.assert_allclose(g, x.T @ delta, rtol=0, atol=tolerance(g_sigma))
+    assert np.abs(g[:, 3]).max() <= tolerance(g_sigma)

@@ -78,7 +78,7 @@ def test_parse_config_leaves_the_raw_mapping_unchanged(horizontal):
 @pytest.mark.parametrize("where, key, allowed", [
     ((), "colour", "ckks, data, exchange, key_holder, model, name, packing, policy, report, seed, train"),
     (("train",), "epochs", "batch_size, compute, dask_address, optimizer, patience, rounds, target_accuracy, warm_start, workers"),
-    (("data", "owners", 0), "colour", "deployment, features, label, name, path"),
+    (("data", "owners", 0), "colour", "deployment, features, label, name, path, pseudonym_key_file"),
     (("policy", "flooding"), "epsilon", "budget, security_bits"),
 ], ids=["top", "train", "owner", "flooding"])
 def test_unknown_key_is_refused_with_the_keys_allowed_there(horizontal, where, key, allowed):

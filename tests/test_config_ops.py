@@ -60,6 +60,7 @@ def test_the_plaintext_twin_is_refused_with_deployed_owners(raw):
     owner = raw["data"]["owners"][0]
     del owner["path"]
     owner["deployment"] = "prepare-owner-bundle/clinic-a"
+    raw["report"]["plaintext_twin"] = True  # the shipped configs leave it off
     # Execute
     message = refusal(raw)
     # Assert
@@ -99,3 +100,15 @@ def test_the_deployed_variant_names_owner_deployments_and_holds_no_raw_path():
     assert cfg.report.plaintext_twin is False
     in_process, _ = load_config(REPO / "configs" / "breast_cancer.yaml")
     assert cfg.model == in_process.model and cfg.policy == in_process.policy and cfg.train == in_process.train
+
+
+def test_the_plaintext_twin_is_off_by_default_and_in_every_shipped_config(raw):
+    # Prepare: the twin makes the trainer's process read every owner's plaintext
+    del raw["report"]
+    # Execute
+    cfg = parse_config(raw, "cfg.yaml")
+    shipped = {p.name: yaml.safe_load(p.read_text())["report"]["plaintext_twin"]
+               for p in sorted((REPO / "configs").glob("*.yaml")) if "report" in yaml.safe_load(p.read_text())}
+    # Assert
+    assert cfg.report.plaintext_twin is False
+    assert shipped and set(shipped.values()) == {False}, shipped

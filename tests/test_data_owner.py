@@ -23,7 +23,8 @@ from hetrain.core.params import CkksParams
 from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import blind, unblind
 from hetrain.mpc_ops.crypto.tensors import EncryptedBatch, PlainBatch
-from hetrain.participants.data_owner import MANIFEST, hashed_ids, prepare
+from hetrain.participants import pseudonyms
+from hetrain.participants.data_owner import MANIFEST, prepare
 from hetrain.participants.key_holder import KeyHolder
 from hetrain.participants.table import split_ids
 
@@ -46,6 +47,11 @@ def build_config(name: str, paths: dict[str, Path], *, batch_size: int | None = 
 
 def owner_of(cfg, name: str):
     return next(o for o in cfg.data.owners if o.name == name)
+
+
+def id_key(cfg) -> bytes:
+    """The owners' shared pseudonym key (made beside the first table on the first prepare)."""
+    return pseudonyms.owner_key(cfg, cfg.data.owners[0])
 
 
 def prepare_owners(cfg, holder, exchange: Path, twin_dir: Path | None = None,
@@ -86,11 +92,11 @@ def write_csv_text(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def expected_standardised(csv: Path, features: list[str], train_hashes: list[str], seed: int,
+def expected_standardised(csv: Path, features: list[str], train_hashes: list[str], key: bytes,
                           clip: float = 4.0) -> np.ndarray:
     """Train rows of the CSV in published-ID order, standardised on train statistics and clipped."""
     frame = pd.read_csv(csv, dtype={"id": str})
-    by_hash = dict(zip(hashed_ids(frame["id"].to_numpy(), seed), range(len(frame))))
+    by_hash = dict(zip(pseudonyms.pseudonyms(frame["id"].to_numpy(), key), range(len(frame))))
     x = frame[features].to_numpy(np.float64)[[by_hash[h] for h in train_hashes]]
     return np.clip((x - x.mean(axis=0)) / x.std(axis=0), -clip, clip)
 
@@ -206,8 +212,9 @@ def test_prepare_publishes_keyed_id_pseudonyms_not_raw_ids(clinic_bundle):
     manifest = clinic_bundle["manifest"]
     published = {s: json.loads((out / manifest["splits"][s]["ids"]["file"]).read_text()) for s in ("train", "test")}
     # Assert
-    assert published["train"] == hashed_ids(train_ids, cfg.seed)
-    assert published["test"] == hashed_ids(test_ids, cfg.seed)
+    key = id_key(cfg)
+    assert published["train"] == sorted(pseudonyms.pseudonyms(train_ids, key))  # split by seed, ordered by key
+    assert published["test"] == sorted(pseudonyms.pseudonyms(test_ids, key))
     assert not set(raw_ids) & set(published["train"] + published["test"])
 
 
@@ -227,7 +234,7 @@ def test_store_loads_a_batch_with_one_blob_per_manifest_entry_and_its_labels(cli
     ref = BatchRef("train", ("clinic_a",), 1)
     entry = manifest["splits"]["train"]["batches"][1]
     csv = pd.read_csv(clinic_bundle["csv"], dtype={"id": str})
-    label_of = dict(zip(hashed_ids(csv["id"].to_numpy(), clinic_bundle["cfg"].seed), csv["label"]))
+    label_of = dict(zip(pseudonyms.pseudonyms(csv["id"].to_numpy(), id_key(clinic_bundle["cfg"])), csv["label"]))
     train_hashes = json.loads((clinic_bundle["exchange"] / "clinic_a" / clinic_bundle["manifest"]["splits"]["train"]["ids"]["file"]).read_text())
     # Execute
     refs = exchange.batches("train")
@@ -251,7 +258,7 @@ def test_twin_features_are_csv_rows_standardised_on_train_and_clipped_in_publish
     features = owner_of(cfg, "clinic_a").features
     exchange = open_store(cfg, holder, clinic_bundle["exchange"])
     train_hashes = json.loads((clinic_bundle["exchange"] / "clinic_a" / clinic_bundle["manifest"]["splits"]["train"]["ids"]["file"]).read_text())
-    expected = expected_standardised(clinic_bundle["csv"], features, train_hashes, cfg.seed)
+    expected = expected_standardised(clinic_bundle["csv"], features, train_hashes, id_key(cfg))
     # Execute
     twin = exchange.twin_batch(clinic_bundle["twin_dir"], BatchRef("train", ("clinic_a",), 2))
     with np.load(clinic_bundle["twin_dir"] / "clinic_a.npz") as data:

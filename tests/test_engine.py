@@ -88,3 +88,36 @@ def test_a_frozen_learner_keeps_its_weights_reveals_no_gradient_and_reuses_outpu
     assert not np.array_equal(learner.model.input.b, b)
     assert not np.array_equal(learner.model.parameters()["out.W"], out_W)
     np.testing.assert_array_equal(learner.frozen_cache["b0"], x @ W)
+
+
+def test_a_delta_column_over_fewer_than_min_batch_samples_is_zeroed_before_its_gradient_reveal():
+    # Prepare: δ columns with 1 (one-hot), 31 and 32 non-zero rows, and a dense one; min_batch 32
+    cfg, _ = load_config(REPO / "configs" / "breast_cancer.yaml")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(64, 30)), rng.integers(0, 2, 64)
+    model = Model(cfg)
+    seen = []
+
+    class RecordingFront(PlainInputLinear):
+        def backward(self, grad_out):
+            seen.append(grad_out.copy())
+            return super().backward(grad_out)
+
+    crafted = rng.normal(size=(64, 5))
+    crafted[:, 0] = 0.0
+    crafted[7, 0] = 1.0
+    crafted[31:, 1] = 0.0
+    crafted[32:, 2] = 0.0
+    learner = Learner(model, make_optimizer(cfg), RecordingFront("enc1", model.input.W), lambda v: v,
+                      min_rows=cfg.policy.min_batch)
+    model.body.backward = lambda grad: crafted
+
+    # Execute
+    learner.train_batch(PlainBatch("b0", x), y)
+
+    # Assert: the two sparse columns were zeroed, the others reach the reveal unchanged
+    (delta,) = seen
+    assert cfg.policy.min_batch == 32
+    np.testing.assert_array_equal(delta[:, :2], 0.0)
+    np.testing.assert_array_equal(delta[:, 2:], crafted[:, 2:])
+    np.testing.assert_array_equal(learner.model.input.grad_W[:, :2], 0.0)

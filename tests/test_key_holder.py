@@ -17,6 +17,7 @@ from hetrain.core.errors import BudgetExhausted, BundleError, ForeignKeyError, P
 from hetrain.core.params import CkksParams
 from hetrain.core.shapes import LinearShape
 from hetrain.mpc_ops.reveal.protocol import RevealRequest
+from hetrain.mpc_ops.reveal.ledger import LEDGER_FILE
 from hetrain.participants.key_holder import AUDIT_FILE, STATE_FILE, KeyHolder
 
 pytestmark = pytest.mark.integration  # TenSEAL keys
@@ -291,13 +292,43 @@ def test_ciphertext_under_another_holders_key_is_refused_instead_of_decrypted_to
 
     # Execute
     with pytest.raises(ForeignKeyError, match=(
-        r"decrypted values reach \S+, beyond the headroom of 512: the ciphertext was made under another key"
+        r"^a flooded decrypted value is beyond the headroom of 512: the ciphertext was made under another key "
+        r"or overflowed its scale$"
     )) as exc_info:
         holder.reveal(request)
 
     # Assert: audited as a refusal; the decryption was attempted, so it is charged
     assert_refused_and_audited(holder, exc_info, "ForeignKeyError", used_before=1)
     assert other.decryptions_used == 0
+
+
+def request_holding(holder, public, first: float) -> RevealRequest:
+    """A gradient request whose ciphertext holds `first` in slot 0 and VALUES[1:] in slots 1..3."""
+    request = make_request(holder, public)
+    slots = np.zeros(SLOTS)
+    slots[: len(VALUES)] = [first, *VALUES[1:]]
+    request.blobs = [product_blob(public, slots)]
+    return request
+
+
+@pytest.mark.parametrize("first, shift, refused", [(600.0, -200.0, False), (400.0, 200.0, True)])
+def test_headroom_check_sees_only_flooded_values(keys, monkeypatch, first, shift, refused):
+    # Prepare: flooding that shifts every value by `shift`, so the raw and flooded values fall on
+    # opposite sides of the headroom of 512
+    holder, public = keys
+    from hetrain.participants import key_holder as kh_module
+    monkeypatch.setattr(kh_module.flooding, "flood", lambda v, sigma: v + shift)
+    request = request_holding(holder, public, first)
+
+    # Execute / Assert: the decision follows the flooded value, and a refusal names no value
+    if refused:
+        with pytest.raises(ForeignKeyError, match=r"^a flooded decrypted value is beyond the headroom of 512: ") as exc:
+            holder.reveal(request)
+        assert "400" not in str(exc.value) and "600" not in str(exc.value)
+        assert_refused_and_audited(holder, exc, "ForeignKeyError", used_before=1)
+    else:
+        response = holder.reveal(request)
+        assert response.values[0][0] == pytest.approx(first + shift, abs=1e-3)
 
 
 def test_ciphertext_with_a_corrupt_seal_payload_is_refused_audited_and_its_charge_persisted(keys):
@@ -344,6 +375,23 @@ def test_audit_entries_are_hash_chained_across_allows_refusals_and_a_reopen(tmp_
         assert entry["prev"] == hashlib.sha256(previous.encode()).hexdigest()
     state = json.loads((directory / STATE_FILE).read_text())
     assert state["audit_head"] == hashlib.sha256(lines[-1].encode()).hexdigest()
+
+
+def test_audit_log_is_created_owner_only_and_an_older_world_readable_one_is_tightened(tmp_path):
+    # Prepare: one holder writes a fresh log; a second directory holds a log an older version made 0644
+    holder, public = make_holder(tmp_path / "fresh")
+    old, old_public = make_holder(tmp_path / "old")
+    (old.directory / AUDIT_FILE).touch(mode=0o644)
+    (old.directory / AUDIT_FILE).chmod(0o644)
+
+    # Execute
+    holder.reveal(make_request(holder, public))
+    old.reveal(make_request(old, old_public))
+
+    # Assert
+    for kh in (holder, old):
+        assert (kh.directory / AUDIT_FILE).stat().st_mode & 0o777 == 0o600
+        assert (kh.directory / LEDGER_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_reopening_the_directory_keeps_the_key_and_the_decryptions_used(tmp_path):

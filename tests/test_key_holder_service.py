@@ -359,6 +359,61 @@ def test_refused_requests_are_logged_in_one_line_without_a_traceback(service, pu
     assert read_token(service.token_file) not in log
 
 
+def test_deeply_nested_frame_header_is_a_400_frame_error_not_a_500(service, public):
+    # Prepare: a header whose 'rows' nests past Python's recursion limit
+    head = b'{"frame":"reveal-request/1","blob_lengths":[1],"rows":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    # Execute
+    answer = post_reveal(service, len(head).to_bytes(4, "big") + head + b"x")
+
+    # Assert
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"error": "FrameError", "message": "reveal frame: the header nests deeper than 8 levels"}
+    assert "Traceback" not in service.log.read_text()
+    assert_good_reveal(service, public)
+
+
+def test_a_layer_with_a_newline_is_a_400_and_forges_no_log_line(service, public):
+    # Prepare
+    forged = "2026-01-01 00:00:00,000 key-holder INFO reveal forged round 0 gradient enc1"
+    request = replace(masked(public)[1], layer=f"enc1\n{forged}")
+
+    # Execute
+    answer = post_reveal(service, reveal_wire.encode_request(request))
+
+    # Assert
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "FrameError"
+    assert answer.json()["message"].startswith(
+        f"reveal frame: 'layer' must match {reveal_wire.IDENTIFIER.pattern} (a short identifier), got 'enc1\\n")
+    assert not any(line.startswith(forged) for line in service.log.read_text().splitlines())
+
+
+def test_log_safe_escapes_every_control_character():
+    from hetrain.participants.key_holder_service import log_safe
+
+    assert log_safe("enc1\nforged\r\x1b[2K\u2028end") == "enc1\\nforged\\r\\x1b[2K\\u2028end"
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(service):
+    # Prepare
+    from hetrain.participants.http_timeouts import HEADER_TIMEOUT
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HEADER_TIMEOUT + 5) as sock:
+        sock.sendall(b"POST /v1/reveal HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        start = time.monotonic()
+
+        # Execute: wait for the server to close (recv returns b"") or for our own timeout
+        try:
+            closed = sock.recv(1024) == b""
+        except TimeoutError:
+            closed = False
+
+    # Assert
+    assert closed, f"the service kept a half-sent request open for {HEADER_TIMEOUT + 5} s"
+    assert time.monotonic() - start <= HEADER_TIMEOUT + 2
+
+
 def test_budget_exhausted_is_403_and_the_service_keeps_serving(tmp_path, demo_data):
     # Prepare: a budget of 2 decryptions
     config = service_config(tmp_path, demo_data, budget=2)

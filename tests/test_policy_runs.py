@@ -21,6 +21,7 @@ def config(tmp: Path, demo: Path, name: str, **overrides) -> Path:
     raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     for owner in raw["data"]["owners"]:
         owner["path"] = str(demo / "breast_cancer" / Path(owner["path"]).name)
+    raw["report"]["plaintext_twin"] = True  # compared with the twin unless an override turns it off
     for section, values in overrides.items():
         raw[section].update(values)
     path = tmp / f"{name}.yaml"

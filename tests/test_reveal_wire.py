@@ -147,6 +147,34 @@ def test_malformed_request_frame_is_refused_naming_the_problem(body, message):
         reveal_wire.decode_request(body, **LIMITS)
 
 
+def nested_frame(depth: int) -> bytes:
+    """A request frame whose header carries one field nested `depth` lists deep."""
+    head = json.dumps(request_header(blob_lengths=[8]))[:-1] + ', "rows": ' + "[" * depth + "]" * depth + "}"
+    return struct.pack(">I", len(head)) + head.encode() + b"x" * 8
+
+
+@pytest.mark.parametrize("depth", [9, 100_000], ids=["just-too-deep", "past-the-recursion-limit"])
+def test_deeply_nested_header_is_refused_with_a_frame_error_not_a_recursion_error(depth):
+    # Execute / Assert: a FrameError (400 in the service), never RecursionError (500 with a traceback)
+    with pytest.raises(FrameError, match=r"^reveal frame: the header nests deeper than 8 levels$"):
+        reveal_wire.decode_request(nested_frame(depth), **LIMITS)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("layer", "enc1\n2026-01-01 key-holder INFO reveal forged"), ("layer", "enc1\x1b[2K"), ("layer", "x" * 65),
+    ("layer", "enc 1"), ("kind", "gradient\r"), ("request_id", "r-1\nforged"), ("key_id", "k abc"),
+])
+def test_logged_string_fields_must_be_short_identifiers(name, value):
+    # Prepare
+    body = reveal_wire.encode_request(make_request(**{name: value}))
+    pattern = reveal_wire.IDENTIFIER if name in ("layer", "kind") else reveal_wire.TOKEN
+
+    # Execute / Assert
+    with pytest.raises(FrameError, match=rf"^reveal frame: '{name}' must match ") as exc:
+        reveal_wire.decode_request(body, **LIMITS)
+    assert pattern.pattern in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_frame_errors_are_bundle_errors_so_callers_treat_them_as_bad_input():
     assert issubclass(FrameError, BundleError)
 

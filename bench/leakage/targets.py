@@ -1,6 +1,7 @@
 """A trained run, as the attacks see it: the trainer's view (key-holder client, public context, exchange store,
 its own weights) plus, for scoring only, the owners' truth."""
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ from hetrain.mpc_ops.crypto import ckks, ring
 from hetrain.mpc_ops.exchange.bundle import BatchRef
 from hetrain.mpc_ops.layers.cipher_layers import CipherLinear
 from hetrain.mpc_ops.reveal import verified
-from hetrain.participants.data_owner import _batch_slices, hashed_ids, load_split
+from hetrain.participants.data_owner import _batch_slices, load_split
 from hetrain.participants.table import load_table
 
 
@@ -35,7 +36,7 @@ class Target:
 
     # ---- what a trainer has ------------------------------------------------------------------------
     def rows(self, n: int) -> list[str]:
-        ids = hashed_ids(self.truth.ids["train"][:n], self.cfg.seed)
+        ids = self.truth.published(self.truth.ids["train"][:n])
         return ids + [uuid.uuid4().hex[:24] for _ in range(n - len(ids))]
 
     def product_template(self) -> bytes:
@@ -135,7 +136,7 @@ class Target:
             published = json.loads((self.rt.paths.exchange / self.owner.name / entry["file"]).read_text())
         frame = load_table(self.owner.path, owner=self.owner.name, id_column=self.cfg.data.id_column,
                            feature_columns=self.owner.features, label_column=None)
-        return published, hashed_ids(frame[self.cfg.data.id_column].to_numpy(), self.cfg.seed)
+        return published, seed_keyed(frame[self.cfg.data.id_column].to_numpy(), self.cfg.seed)
 
     def owner_plaintext_files(self) -> list[Path]:
         return sorted(p for p in self.rt.paths.owners.rglob("*.npz")) if self.rt.paths.owners.is_dir() else []
@@ -174,6 +175,12 @@ class Target:
         from hetrain.checkpoint import load_checkpoint
 
         return load_checkpoint(path).params[f"hybrid.{self.layer}.W"]
+
+
+def seed_keyed(ids, seed: int) -> list[str]:
+    """What a trainer can compute for every guessed ID from the config alone (hetrain's pseudonyms until the
+    owners' secret key replaced the public seed): sha256("id:{seed}:{id}")[:24]."""
+    return [hashlib.sha256(f"id:{seed}:{v}".encode()).hexdigest()[:24] for v in ids]
 
 
 def shape_offset(target: Target) -> int:

@@ -28,6 +28,9 @@ class OwnerConfig(_Strict):
     deployment: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+$")
     features: list[str] = Field(min_length=1)
     label: bool = False
+    # the owners' shared secret for sample pseudonyms (participants/pseudonyms.py); unset: pseudonym.key
+    # beside the first owner's table, created on first use
+    pseudonym_key_file: Path | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "OwnerConfig":
@@ -134,7 +137,7 @@ class PackingConfig(_Strict):
 
 
 class ReportConfig(_Strict):
-    plaintext_twin: bool = True
+    plaintext_twin: bool = False  # true: the trainer's process reads the owners' plaintext (diagnostic only)
 
 
 class KeyHolderConfig(_Strict):

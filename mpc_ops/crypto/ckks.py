@@ -125,8 +125,26 @@ def segment_sum(context: ts.Context, vector: ts.CKKSVector, seg: int, slots: int
 
 
 def multiply_plain(vector: ts.CKKSVector, plain: np.ndarray) -> ts.CKKSVector:
-    """Ciphertext × plain slot vector (one multiplication level)."""
-    return vector.mul(np.asarray(plain, dtype=np.float64).tolist())
+    """Ciphertext × plain slot vector (one multiplication level), an all-zero vector included."""
+    plain = np.asarray(plain, dtype=np.float64)
+    return vector.mul(plain.tolist()) if plain.any() else zero_product(vector)
+
+
+def multiply_scalar(vector: ts.CKKSVector, scalar: float) -> ts.CKKSVector:
+    """Ciphertext × plain scalar (one multiplication level), zero included."""
+    return vector.mul(float(scalar)) if scalar != 0 else zero_product(vector)
+
+
+def zero_product(vector: ts.CKKSVector) -> ts.CKKSVector:
+    """vector × 0 at the level and scale of a product: a fresh encryption of zero, one level down.
+
+    TenSEAL skips the rescale of a product with an all-zero plaintext (it encodes to nothing), so
+    `vector.mul(0)` stays a level too high and its reveal is refused (a dead ReLU's δ column of
+    zeros). (x + Enc(0))·1 − x·1 is zero and sits where x·p would; x·1 − x·1 would be transparent.
+    """
+    ones = [1.0] * vector.size()
+    fresh_zero = ts.ckks_vector(vector.context(), [0.0] * vector.size())
+    return (vector + fresh_zero).mul(ones).sub_(vector.mul(ones))
 
 
 def add_plain(vector: ts.CKKSVector, plain: np.ndarray) -> ts.CKKSVector:

@@ -28,7 +28,7 @@ def run_jobs(context: ts.Context, slots: int, blobs: list[bytes], jobs: list[Job
         acc = None
         for index, multiplier in terms:
             if np.ndim(multiplier) == 0:
-                term = loaded[index].mul(float(multiplier))
+                term = ckks.multiply_scalar(loaded[index], float(multiplier))
             else:
                 term = ckks.multiply_plain(loaded[index], multiplier)
             acc = term if acc is None else acc.add_(term)

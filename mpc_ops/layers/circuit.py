@@ -126,9 +126,9 @@ class CipherOps(Ops):
         self.slots = ckks.slot_count(context)
         self._fresh = ckks.fresh_layout(context)
 
-    def _scale(self, v, s): return v.mul(s)
+    def _scale(self, v, s): return ckks.multiply_scalar(v, s)
     def _mul(self, a, b): return a.mul(b)
-    def _mul_plain(self, a, p): return a.mul(np.asarray(p, dtype=np.float64).tolist())
+    def _mul_plain(self, a, p): return ckks.multiply_plain(a, p)
     def _add(self, a, b): return a.add(b)
     def _add_plain(self, a, p): return a.add(np.asarray(p, dtype=np.float64).tolist())
     def _neg(self, a): return a.neg()

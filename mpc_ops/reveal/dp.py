@@ -33,6 +33,17 @@ def clip_rows(grad_out: np.ndarray, clip: float) -> np.ndarray:
     return grad_out * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
 
 
+def drop_sparse_columns(grad_out: np.ndarray, min_rows: int) -> np.ndarray:
+    """Zero every δ column with fewer than `min_rows` non-zero rows (a ReLU unit active for a few samples).
+
+    The revealed gradient column k is X^T·δ[:, k]: it sums only the samples where δ[:, k] ≠ 0, so a
+    column with one non-zero row would reveal that sample's features. The key holder cannot see δ;
+    this is the honest trainer's own guard, not a protection against a deviating one.
+    """
+    sparse = np.count_nonzero(grad_out, axis=0) < min_rows
+    return np.where(sparse[None, :], 0.0, grad_out) if sparse.any() else grad_out
+
+
 def add_noise(values: np.ndarray, scale: float) -> np.ndarray:
     """The Gaussian mechanism, with noise from the CSPRNG."""
     return values + gaussian(values.size, scale).reshape(values.shape)

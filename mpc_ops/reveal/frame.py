@@ -15,6 +15,7 @@ a frame holds only JSON and raw bytes, and decoding checks every length and type
 import dataclasses
 import json
 import math
+import re
 import struct
 import typing
 
@@ -27,6 +28,12 @@ REQUEST_FRAME = "reveal-request/1"
 RESPONSE_FRAME = "reveal-response/1"
 MEDIA_TYPE = "application/vnd.hetrain.reveal-frame"
 MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 8  # the header is an object of scalars and lists of scalars: depth 2
+# Fields the service writes into its log: short identifiers only, so no control character or
+# newline can forge a log line.
+IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_LOGGED_FIELDS = {"layer": IDENTIFIER, "kind": IDENTIFIER, "request_id": TOKEN, "key_id": TOKEN}
 _LENGTH = struct.Struct(">I")
 _FLOAT = np.dtype("<f8")
 
@@ -89,7 +96,12 @@ def decode_request(body: bytes, *, max_blobs: int, max_blob_bytes: int) -> Revea
     for n in lengths:
         blobs.append(bytes(payload[pos : pos + n]))
         pos += n
-    return RevealRequest(**_fields(RevealRequest, header, "blobs", "blob_lengths"), blobs=blobs)
+    fields = _fields(RevealRequest, header, "blobs", "blob_lengths")
+    for name, pattern in _LOGGED_FIELDS.items():
+        if name in fields and not pattern.fullmatch(fields[name]):
+            raise FrameError(f"reveal frame: '{name}' must match {pattern.pattern} (a short identifier), "
+                             f"got {fields[name]!r:.80}")
+    return RevealRequest(**fields, blobs=blobs)
 
 
 def decode_response(body: bytes, *, request: RevealRequest) -> RevealResponse:
@@ -131,6 +143,9 @@ def _split(body: bytes, frame: str, lengths_key: str) -> tuple[dict, memoryview]
                             parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError(f"reveal frame: the header is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise FrameError(f"reveal frame: the header nests deeper than {MAX_HEADER_DEPTH} levels") from None
+    _check_depth(header)
     if not isinstance(header, dict):
         raise FrameError(f"reveal frame: the header must be a JSON object, got {type(header).__name__}")
     if header.get("frame") != frame:
@@ -138,6 +153,17 @@ def _split(body: bytes, frame: str, lengths_key: str) -> tuple[dict, memoryview]
     if lengths_key not in header:
         raise FrameError(f"reveal frame: header field '{lengths_key}' is required")
     return header, view[_LENGTH.size + n :]
+
+
+def _check_depth(header) -> None:
+    """Refuse nesting past MAX_HEADER_DEPTH before anything recurses into the header (repr, checks)."""
+    stack = [(header, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_HEADER_DEPTH:
+            raise FrameError(f"reveal frame: the header nests deeper than {MAX_HEADER_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def _refuse_constant(name: str):

@@ -31,6 +31,14 @@ def test_against_a_semi_honest_key_holder_the_harness_recovers_the_key_and_raw_f
     assert found["unit_vector_weights"]["measure"]["feature_r2"] > 0.99
     assert found["one_hot_delta_gradient"]["measure"]["feature_r2"] > 0.99
     assert summary["raw_values_recovered"][mode] > 1000
+    assert found["reused_weights_digest"]["measure"]["features_exposed"] == 30
+    assert found["reused_weights_digest"]["measure"]["feature_r2"] > 0.99
+    assert found["raw_owner_ciphertext_as_gradient"]["verdict"] == "leaked"
+    # fixed for both modes: pseudonyms keyed by the owners' secret, flooding before the range check, no twin
+    assert found["invert_pseudonyms"]["verdict"] == "blocked"
+    assert found["headroom_binary_search"]["verdict"] == "blocked"
+    assert found["headroom_binary_search"]["measure"]["abs_error"] > 1e-6  # the flooding's, not 1e-11
+    assert found["read_twin_plaintext"]["verdict"] == "blocked"
 
 
 def test_against_a_verifying_key_holder_every_deviating_attack_is_blocked(leakage):
@@ -39,8 +47,8 @@ def test_against_a_verifying_key_holder_every_deviating_attack_is_blocked(leakag
     found = _outcomes(summary, mode)
     assert summary["secret_key_recovered"][mode] is False
     assert summary["raw_values_recovered"][mode] == 0
-    deviating = {k: v for k, v in found.items() if k != "invert_pseudonyms"}
-    assert {k: v["verdict"] for k, v in deviating.items()} == {k: "blocked" for k in deviating}
+    assert {k: v["verdict"] for k, v in found.items()} == {k: "blocked" for k in found}
+    assert summary["deviating_attacks_blocked"][mode] == summary["deviating_attacks_tried"][mode] == 10
     assert "'unverified'" in found["unit_vector_weights"]["refusal"]
     assert "'unverified'" in found["forged_verified_reveal"]["refusal"]
     assert "'already_revealed'" in found["repeated_reveal_averaging"]["refusal"]

@@ -60,8 +60,9 @@ def raw_ciphertext(t) -> Outcome:
         values = t.client.reveal(request).values[0]
     except HetrainError as exc:
         return _refused("raw_owner_ciphertext_as_gradient", exc)
-    return Outcome("raw_owner_ciphertext_as_gradient", "leaked" if r2(values, truth) > 0.9 else "blocked",
-                   {"feature_r2": round(r2(values, truth), 4), "raw_values_recovered": exact_values(values, truth)})
+    exact = exact_values(values, truth)
+    return Outcome("raw_owner_ciphertext_as_gradient", "leaked" if exact or r2(values, truth) > 0.5 else "blocked",
+                   {"feature_r2": round(r2(values, truth), 4), "raw_values_recovered": exact})
 
 
 def unit_vector_weights(t) -> Outcome:
@@ -78,6 +79,30 @@ def unit_vector_weights(t) -> Outcome:
     return Outcome("unit_vector_weights", "leaked" if r2(est, real) > 0.9 else "blocked",
                    {"features_exposed": k, "feature_r2": round(r2(est, real), 4),
                     "raw_values_recovered": exact_values(est, real)})
+
+
+def reused_digest(t) -> Outcome:
+    """Unit-vector weights revealed while declaring the digest of weights the ledger already counted: the rank
+    ledger would see one W and let every feature through."""
+    try:
+        values, truth = t.reveal_under_old_digest()
+    except HetrainError as exc:
+        return _refused("reused_weights_digest", exc)
+    k = values.shape[1]
+    return Outcome("reused_weights_digest", "leaked" if r2(values, truth[:, :k]) > 0.9 else "blocked",
+                   {"features_exposed": k, "feature_r2": round(r2(values, truth[:, :k]), 4),
+                    "raw_values_recovered": exact_values(values, truth[:, :k])})
+
+
+def headroom_probe(t) -> Outcome:
+    """Binary search on the key holder's range check with a known offset: a check before flooding gives a
+    value to 1e-11; after flooding, to the flooding noise only."""
+    try:
+        error, probes = t.probe_headroom()
+    except HetrainError as exc:
+        return _refused("headroom_binary_search", exc)
+    return Outcome("headroom_binary_search", "leaked" if error < 1e-3 else "blocked",
+                   {"abs_error": float(f"{error:.3g}"), "decryptions": probes})
 
 
 def one_hot_delta(t) -> Outcome:
@@ -126,6 +151,6 @@ def verified_forgery(t) -> Outcome:
 
 
 # repeated_reveal before unit_vector_weights: the latter spends the batch's rank limit
-CATALOGUE = [secret_key, raw_ciphertext, repeated_reveal, unit_vector_weights, one_hot_delta, pseudonyms,
-             twin_plaintext, verified_forgery]
+CATALOGUE = [secret_key, raw_ciphertext, repeated_reveal, unit_vector_weights, one_hot_delta, reused_digest,
+             headroom_probe, pseudonyms, twin_plaintext, verified_forgery]
 

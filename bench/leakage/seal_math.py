@@ -3,43 +3,7 @@ points, and the inverse of the CKKS slot embedding (used to turn decrypted slots
 
 import numpy as np
 
-
-def _is_prime(n: int) -> bool:
-    """Deterministic Miller-Rabin for n < 3.3e24 (these bases suffice)."""
-    if n < 2:
-        return False
-    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
-    for p in small:
-        if n % p == 0:
-            return n == p
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for a in small:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def coeff_modulus(n: int, bit_sizes: list[int]) -> list[int]:
-    """SEAL's CoeffModulus::Create: per bit size, the largest primes ≡ 1 mod 2n below 2^bits, handed out
-    smallest first (SEAL takes each bit size's list from the back)."""
-    factor, found = 2 * n, {}
-    for bits in sorted(set(bit_sizes)):
-        need, value, out = bit_sizes.count(bits), ((1 << bits) - 1) // factor * factor + 1, []
-        while len(out) < need and value > 1 << (bits - 1):
-            if _is_prime(value):
-                out.append(value)
-            value -= factor
-        found[bits] = out
-    return [found[bits].pop() for bits in bit_sizes]
+from hetrain.mpc_ops.crypto.ring import coeff_modulus  # noqa: F401 - SEAL's primes, re-exported for the attacks
 
 
 def minimal_root(n: int, q: int) -> int:

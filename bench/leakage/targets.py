@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrain.core.errors import BundleError
+from hetrain.core.errors import BundleError, ForeignKeyError
+from hetrain.mpc_ops.reveal.protocol import RevealRequest
 from hetrain.mpc_ops.crypto import ckks, ring
 from hetrain.mpc_ops.exchange.bundle import BatchRef
 from hetrain.mpc_ops.layers.cipher_layers import CipherLinear
@@ -88,6 +89,51 @@ class Target:
                                  self.cfg.policy.mask_bound)
             found.append(self.trainer.revealer.reveal(layer.forward(batch)))
         return np.concatenate(found, axis=1), truth
+
+    def reveal_under_old_digest(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every feature of batch 2 through unit-vector weights, each reveal declaring the digest of one honest W."""
+        if self.untrusted:  # declared fields are all this would change, and declared reveals are refused
+            return self.trainer.revealer.reveal(self._untrusted_gradient()), None
+        batch, truth = self._batch(2)
+        honest = self._trained_weights()
+        layer = CipherLinear(self.layer, honest, self.context, self.rt.plan, self.params.headroom,
+                             self.cfg.policy.mask_bound)
+        old = layer.forward(batch)
+        self.trainer.revealer.reveal(old)  # the ledger now holds this W for these samples
+        h, found = honest.shape[1], []
+        for m in range(-(-self.d // h)):
+            chosen = np.full((self.d, h), 1e-6)
+            cols = [j for j in range(m * h, min((m + 1) * h, self.d))]
+            chosen[cols, range(len(cols))] = 1.0
+            enc = CipherLinear(self.layer, chosen, self.context, self.rt.plan, self.params.headroom,
+                               self.cfg.policy.mask_bound).forward(batch)
+            enc.meta["weights"] = old.meta["weights"]  # the lie
+            found.append(self.trainer.revealer.reveal(enc)[:, : len(cols)])
+        return np.concatenate(found, axis=1), truth
+
+    def probe_headroom(self) -> tuple[float, int]:
+        """Binary-search the offset at which a known value crosses the headroom; (|error|, decryptions)."""
+        value = 3.25
+        known = np.full(self.params.slots, value)
+        fresh = ckks.load_vector(self.context, ckks.encrypt(self.context, known), ckks.fresh_layout(self.context))
+        product = ckks.multiply_plain(fresh, np.ones(self.params.slots))
+        low, high, probes, refused_once = 0.0, 2.0 * self.params.headroom, 0, False
+        for _ in range(30):
+            offset = (low + high) / 2
+            shift = np.zeros(self.params.slots)
+            shift[0] = offset  # one slot: a constant vector would wrap around the modulus instead
+            blob = ckks.add_plain(product, shift).serialize()
+            request = RevealRequest(uuid.uuid4().hex, self.key_id, "gradient", self.layer, 1, [blob], [1], [1], 64,
+                                    rows=self.rows(64))
+            probes += 1
+            try:
+                self.client.reveal(request)
+                low = offset
+            except ForeignKeyError:  # beyond the headroom
+                high, refused_once = offset, True
+        if not refused_once:
+            raise BundleError("the range check never refused")
+        return abs((self.params.headroom - (low + high) / 2) - value), probes
 
     def one_hot_gradient(self) -> tuple[np.ndarray, np.ndarray]:
         """X^T·e_i for each of the first 8 samples i of a batch, and their truth."""

@@ -42,7 +42,7 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parent.parent
 
-BC_RUN_MODULES = {"test_cli", "test_flows", "test_retrain", "test_trainer"}  # one xdist unit, so `bc_run` is trained once
+BC_RUN_MODULES = {"test_cli", "test_flows", "test_retrain"}  # one xdist unit, so `bc_run` is trained once
 
 
 def _group(module_file: str) -> str:

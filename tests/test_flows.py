@@ -198,3 +198,25 @@ def test_dp_run_reports_the_epsilon_spent(prefect_harness, demo_data, tmp_path):
     assert f"each sample took part in at most 2 releases, (ε, δ) = ({expected}, 1e-05)" in summary
     audit = [json.loads(line) for line in (tmp_path / "run" / "key_holder" / "audit.jsonl").read_text().splitlines()]
     assert all(e["dp_sigma"] > 0 for e in audit if e["kind"] == "gradient")
+
+
+@pytest.mark.slow
+def test_a_tiled_checkpoint_records_the_same_lineage_as_a_hybrid_one(bc_run, demo_data, tmp_path):
+    # Prepare: a 1-round encrypted-label run through the `train` flow, and the shared hybrid run
+    from hetrain.checkpoint import latest_checkpoint, load_checkpoint
+    from hetrain.train_flow import train
+
+    from tests.test_policy_runs import config
+
+    path = config(tmp_path, demo_data, "breast_cancer_encrypted_labels", train={"rounds": 1},
+                  report={"plaintext_twin": False})
+    # Execute
+    result = train(str(path), str(tmp_path / "run"))
+    # Assert
+    tiled = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    hybrid = load_checkpoint(latest_checkpoint(bc_run[0] / "checkpoints"))
+    assert sorted(tiled.lineage) == sorted(hybrid.lineage)
+    assert tiled.lineage["flow_run_id"] and tiled.lineage["train_flow_run_id"]
+    assert set(tiled.lineage["manifest_sha256"]) == {"clinic_a", "clinic_b"}
+    assert sorted(result["lineage"]) == sorted(bc_run[1]["lineage"])
+    assert tiled.extra["engine"] == "tiled" and tiled.extra["input_rounds_trained"] == 1

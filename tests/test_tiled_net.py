@@ -318,3 +318,23 @@ def test_tiled_batches_are_balanced_and_never_wider_than_the_block(n, sizes):
 
     slices = balanced_slices(n, 64)
     assert {s.stop - s.start for s in slices} == sizes and slices[-1].stop == n and slices[0].start == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "is not valid JSON"),
+    (b" " * ((16 << 20) + 1), "the limit is 16777216 bytes"),
+])
+def test_the_tiled_store_reads_manifests_with_the_bounded_checks(demo_data, tmp_path, content, message):
+    # Prepare: an owner's manifest in the exchange store that is not JSON, or too large to read
+    from hetrain.configure import load_config
+    from hetrain.core.errors import BundleError
+    from hetrain.mpc_ops.exchange.tiled_bundle import TiledStore
+    from hetrain.mpc_ops.layers.tiled import tiling_for
+    from tests.test_policy_runs import config
+
+    cfg = load_config(config(tmp_path, demo_data, "breast_cancer_strict"))[0]
+    (tmp_path / "exchange" / "clinic_a").mkdir(parents=True)
+    (tmp_path / "exchange" / "clinic_a" / "manifest.json").write_bytes(content)
+    # Execute / Assert
+    with pytest.raises(BundleError, match=f"owner 'clinic_a': manifest.*{message}"):
+        TiledStore(tmp_path / "exchange", cfg, "k-0", tiling_for(cfg))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hetrain.core import store
-from hetrain.mpc_ops.exchange.bundle import MAX_BLOB_BYTES, BatchRef
+from hetrain.mpc_ops.exchange.bundle import MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, BatchRef
 from hetrain.mpc_ops.layers.circuit import CipherOps, Val
 from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError
 from hetrain.mpc_ops.layers.tiled import Tiling
@@ -31,7 +31,8 @@ class TiledStore:
             path = self.root / o.name / "manifest.json"
             if not path.is_file():
                 raise BundleError(f"owner '{o.name}': no manifest at {path}; run the owner's preparation first")
-            manifest = json.loads(path.read_text())
+            manifest = store.parse_json(store.read_bounded(path, MAX_MANIFEST_BYTES, f"owner '{o.name}': manifest",
+                                                           BundleError), f"owner '{o.name}': manifest {path}", BundleError)
             if manifest.get("key_id") != key_id:
                 raise ForeignKeyError(f"owner '{o.name}': bundle was encrypted under key id {manifest.get('key_id')!r}, "
                                       f"but the key holder's key id is {key_id!r}; the owner must re-encrypt")

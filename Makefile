@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # A new run directory each time, so earlier results stay.
-RUN_DIR ?= runs/breast_cancer-$(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/breast_cancer_untrusted-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test test-unit test-integration test-e2e test-fast test-durations layers bench clean
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 demo: $(VENV)/.installed
 	$(BIN)/hetrain demo-data
-	$(BIN)/hetrain train configs/breast_cancer.yaml --run-dir $(RUN_DIR)
+	$(BIN)/hetrain train configs/breast_cancer_untrusted.yaml --run-dir $(RUN_DIR)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -60,20 +60,16 @@ def publish_round(name: str, rounds: list[dict], progress_id, total_rounds: int)
 
 
 def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, owners: list[dict],
-                     audit: dict, plot: Path | None, run_dir: Path, lineage: dict | None = None) -> str:
-    """The run summary: results, policy decisions, what was revealed to whom, bytes moved."""
+                     audit: dict, plot: Path | None, run_dir: Path, lineage: dict | None = None,
+                     revealed: list[str] | None = None) -> str:
+    """The run summary: results, policy decisions, what was revealed to whom, bytes moved (`revealed`: an
+    engine's own rows of that table and notes, instead of the hybrid's)."""
     lines = [f"# hetrain run `{name}`", "", "## Result", "",
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in final.items()]
     lines += ["", "## What was revealed to whom", "",
               "| to | what | rule |", "| --- | --- | --- |",
-              f"| trainer | first-layer activations X·W (blinded, flooded σ≈{audit.get('sigma', 0):.2g}) | "
-              f"policy.reveals: {json.dumps(policy['reveals'])} |",
-              f"| trainer | weight gradients X^T·δ summed over ≥ {policy['min_batch']} samples | policy.min_batch |",
-              "| trainer | labels, in plaintext | policy.labels: reveal |",
-              "| key holder | masked values only (uniform mask of bound "
-              f"{policy['mask_bound']}), never true activations | blinding |",
-              *_rank_note(audit),
+              *(revealed if revealed is not None else _hybrid_revealed(policy, audit)),
               "", "## Key holder decisions", "",
               "All runs under this key so far (every generation of the run directory); this run's own "
               f"decryptions: {final.get('decryptions_this_run', final.get('decryptions', 0))}.", "",
@@ -95,6 +91,16 @@ def summary_markdown(name: str, final: dict, rounds: list[dict], policy: dict, o
         lines += ["", "## Training curves", "", f"![loss and accuracy](data:image/png;base64,{encoded})",
                   "", f"(also at `{plot}`)"]
     return "\n".join(lines) + "\n"
+
+
+def _hybrid_revealed(policy: dict, audit: dict) -> list[str]:
+    return [f"| trainer | first-layer activations X·W (blinded, flooded σ≈{audit.get('sigma', 0):.2g}) | "
+            f"policy.reveals: {json.dumps(policy['reveals'])} |",
+            f"| trainer | weight gradients X^T·δ summed over ≥ {policy['min_batch']} samples | policy.min_batch |",
+            "| trainer | labels, in plaintext | policy.labels: reveal |",
+            "| key holder | masked values only (uniform mask of bound "
+            f"{policy['mask_bound']}), never true activations | blinding |",
+            *_rank_note(audit)]
 
 
 def _lineage_section(lineage: dict | None) -> list[str]:

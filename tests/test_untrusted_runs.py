@@ -34,10 +34,14 @@ def test_an_untrusted_run_trains_breast_cancer_with_one_verified_reveal_per_chun
     result, run_dir = bc_untrusted
     # 2 clinics × (train, test) chunks × 24 outputs, each decrypted once; rounds after the first read nothing
     assert result.decryptions == 2 * 2 * 24 and result.policy_refusals == 0
-    assert result.policy_mode == "untrusted trainer (verified reveals)"
+    assert result.policy_mode == "untrusted trainer, verified reveals"
+    assert result.rounds[0].decryptions == 96 and result.decryptions_this_run == 96
     assert result.test_accuracy >= 0.94  # median 0.98 over 16 simulated keys (README "Privacy")
     assert [r.decryptions for r in result.rounds[1:]] == [0] * (len(result.rounds) - 1)
     assert not (run_dir / "owners").exists() or not list((run_dir / "owners").rglob("*.npz"))  # no owner plaintext
+    summary = result.summary_path.read_text()
+    assert "under the key holder's weights (30 → 24, rank 24, never trained)" in summary
+    assert "weight gradients" not in summary
 
 
 @pytest.mark.slow

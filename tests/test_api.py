@@ -196,3 +196,17 @@ def test_bench_faults_without_the_harness_says_to_run_it_from_a_clone(monkeypatc
     # Assert
     assert code == 1
     assert "not in the installed package; run `hetrain bench --faults` from a clone" in capsys.readouterr().err
+
+
+def test_bench_leakage_without_the_shipped_configs_says_to_run_it_from_a_clone(monkeypatch, capsys, tmp_path):
+    # Prepare: an installed wheel has no configs/ beside it
+    from hetrain import cli
+    from hetrain.bench.leakage import harness
+
+    monkeypatch.setattr(harness, "REPO_CONFIGS", tmp_path / "no-configs")
+    # Execute
+    code = cli.main(["bench", "--leakage", "--out", str(tmp_path / "leakage.json")])
+    # Assert: one line, nothing written
+    assert code == 1
+    assert "run `hetrain bench --leakage` from a clone of the repository" in capsys.readouterr().err
+    assert not (tmp_path / "leakage.json").exists()

@@ -3,6 +3,7 @@ measure what an honest-but-curious trainer can reconstruct from what the policy 
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -104,6 +105,12 @@ def report(summary: dict) -> str:
 
 
 def main(out: str | None = None) -> int:
+    missing = [n for n, _ in MODES.values() if not (REPO_CONFIGS / f"{n}.yaml").is_file()]
+    if missing:
+        print(f"hetrain: error: the leakage harness trains the shipped configs {missing}, which are not beside this "
+              f"installation ({REPO_CONFIGS}); run `hetrain bench --leakage` from a clone of the repository",
+              file=sys.stderr)
+        return 1
     out_path = Path(out or "bench/out/leakage.json")
     work = Path(tempfile.mkdtemp(prefix="hetrain-leakage-"))
     start = time.perf_counter()

@@ -80,6 +80,9 @@ def cmd_key_holder(args) -> int:
     try:
         check_serve_options(**options)  # before the config: a bad option is reported even without one
         cfg, config_path = load_config(args.config)
+        if cfg.policy.trainer == "untrusted":
+            return _fail(f"{args.config}: policy.trainer: untrusted runs with the in-process key holder in this "
+                         f"version; the key-holder service has no verified-reveal endpoint yet", code=2)
         return serve(cfg, config_path, args.key_dir, host=args.host, token_path=args.token_file, **options)
     except HetrainError as exc:
         return _fail(f"{type(exc).__name__}: {exc}", code=1)

@@ -95,3 +95,13 @@ def test_the_key_holders_weights_are_what_the_model_reveals_under(bc_untrusted):
     w = params["hybrid.enc1.W"]
     assert w.shape == (30, 24)
     assert abs(float(np.std(w)) - 1 / np.sqrt(30)) < 0.05  # N(0, 1/d), drawn by the key holder
+
+
+def test_the_key_holder_service_refuses_an_untrusted_config_with_one_line(capsys, tmp_path):
+    from hetrain import cli
+
+    code = cli.main(["key-holder", "serve", str(REPO / "configs" / "breast_cancer_untrusted.yaml"),
+                     "--key-dir", str(tmp_path / "kh")])
+    assert code == 2
+    assert "the key-holder service has no verified-reveal endpoint yet" in capsys.readouterr().err
+    assert not (tmp_path / "kh").exists()  # no key was made

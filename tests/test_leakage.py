@@ -56,8 +56,18 @@ def test_against_a_verifying_key_holder_every_deviating_attack_is_blocked(leakag
 
 def test_the_honest_trainers_reconstruction_is_reported_per_mode_with_a_readable_report(leakage):
     summary, out = leakage
-    for mode in summary["modes"]:
-        r2 = summary["honest_trainer_feature_r2"][mode]
+    assert set(summary["honest_trainer_feature_r2"]) == {"semi_honest (hybrid)", "untrusted (verified)"}
+    for r2 in summary["honest_trainer_feature_r2"].values():
         assert -1.0 <= r2 <= 1.0
     report = out.with_suffix(".md").read_text()
     assert "## untrusted (verified)" in report and "| secret_key_two_crafted_reveals | blocked |" in report
+
+
+def test_over_the_key_holder_service_the_same_attacks_get_the_same(leakage):
+    summary, _ = leakage
+    mode = "semi_honest (hybrid, key-holder service)"
+    found = _outcomes(summary, mode)
+    assert summary["secret_key_recovered"][mode] is True
+    assert found["reused_weights_digest"]["measure"]["features_exposed"] == 30
+    assert {k: v["verdict"] for k, v in found.items()} == \
+        {k: v["verdict"] for k, v in _outcomes(summary, "semi_honest (hybrid)").items()}

@@ -13,13 +13,16 @@ import numpy as np
 import yaml
 
 from hetrain.bench.leakage import attacks
+from hetrain.bench.leakage.service import Service
 from hetrain.bench.leakage.targets import Target
 from hetrain.core import store
 from hetrain.participants.demo_data import write_demo_data
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODES = {"semi_honest (hybrid)": ("breast_cancer", {"rounds": 6}),
+         "semi_honest (hybrid, key-holder service)": ("breast_cancer", {"rounds": 6}),
          "untrusted (verified)": ("breast_cancer_untrusted", {"rounds": 3})}
+SERVICE_MODES = {"semi_honest (hybrid, key-holder service)"}  # attacks over HTTP, against `hetrain key-holder serve`
 KNOWN_FRACTION = 0.05  # rows whose features the honest-but-curious attacker is assumed to know
 DRAWS = 20
 
@@ -52,13 +55,30 @@ def honest_r2(z: np.ndarray, weights: np.ndarray, x: np.ndarray, seed: int = 0) 
 def run_mode(work: Path, demo: Path, mode: str) -> dict:
     """Attacks on a run whose owners published (before any training, so the rank ledger is fresh), and the
     honest trainer's view of a run trained to the end (a second run directory, a second key)."""
-    from hetrain.trainer import PlainRunner, Trainer
-
     name, train = MODES[mode]
     config = _config(work, demo, name, train)
-    trained = Trainer(config, work / f"trained-{name}")
-    trained.run(PlainRunner())
-    honest = honest_r2(*Target(trained).honest_views())
+    if mode in SERVICE_MODES:
+        with Service(config, work / "service") as service:
+            raw = yaml.safe_load(config.read_text())
+            raw["key_holder"] = {"url": service.url, "token_file": str(service.token_file)}
+            remote = work / f"{name}-service.yaml"
+            remote.write_text(yaml.safe_dump(raw, sort_keys=False))
+            return _attack(remote, work / "service-runs", mode, honest_run=False)
+    return _attack(config, work, mode)
+
+
+def _attack(config: Path, work: Path, mode: str, honest_run: bool = True) -> dict:
+    """Without `honest_run` (the service mode: one key, one ledger) only the attacks run; the honest view is the
+    in-process mode's (the same policy and data)."""
+    from hetrain.runtime import forget_key_holders
+    from hetrain.trainer import PlainRunner, Trainer
+
+    name = config.stem
+    honest = None
+    if honest_run:
+        trained = Trainer(config, work / f"trained-{name}")
+        trained.run(PlainRunner())
+        honest = honest_r2(*Target(trained).honest_views())
     if mode.startswith("untrusted"):
         fresh = trained  # every reveal of the trained run was verified; attacks then meet its full ledger
     else:
@@ -68,6 +88,7 @@ def run_mode(work: Path, demo: Path, mode: str) -> dict:
         fresh.revealer.start_round(1)
     target = Target(fresh)
     outcomes = [attack(target) for attack in attacks.CATALOGUE]
+    forget_key_holders()  # close the service's client before the service stops
     return {"outcomes": [asdict(o) for o in outcomes], "honest": honest}
 
 
@@ -84,20 +105,25 @@ def summarise(results: dict) -> dict:
                                                 for o in outcomes)
         out["raw_values_recovered"][mode] = sum(o["measure"].get("raw_values_recovered", 0) for o in outcomes
                                                 if o["verdict"] == "leaked")
-        out["honest_trainer_feature_r2"][mode] = res["honest"]["regression_r2"]
+        if res["honest"] is not None:
+            out["honest_trainer_feature_r2"][mode] = res["honest"]["regression_r2"]
     return out
 
 
 def report(summary: dict) -> str:
-    lines = ["# hetrain leakage harness", "", "Each deviating attack runs as the trainer against the in-process key "
-             "holder of a trained breast_cancer run. `blocked`: refused or nothing usable; `leaked`: the measure "
-             "says what came out.", ""]
+    lines = ["# hetrain leakage harness", "", "Each deviating attack runs as the trainer against the key holder of a "
+             "breast_cancer run: in-process, or over HTTP to `hetrain key-holder serve`. `blocked`: refused or "
+             "nothing usable; `leaked`: the measure says what came out.", ""]
     for mode, res in summary["modes"].items():
         lines += [f"## {mode}", "", "| attack | verdict | measure | refusal |", "| --- | --- | --- | --- |"]
         for o in res["outcomes"]:
             lines.append(f"| {o['attack']} | {o['verdict']} | {json.dumps(o['measure'])} | "
                          f"{(o['refusal'] or '').replace('|', '/')[:120]} |")
         h = res["honest"]
+        if h is None:
+            lines += ["", "The attacks crossed the wire to `hetrain key-holder serve`; the honest view is the same as "
+                          "in-process.", ""]
+            continue
         lines += ["", f"Honest-but-curious trainer: least-squares R² {h['least_squares_r2']}, regression R² "
                       f"{h['regression_r2']} (5% of rows known), revealed rank {h['revealed_rank']} of "
                       f"{h['features']} features.", ""]
@@ -127,6 +153,6 @@ def main(out: str | None = None) -> int:
         print(f"{mode}: {summary['deviating_attacks_blocked'][mode]} of {summary['deviating_attacks_tried'][mode]} "
               f"attacks blocked; secret key recovered: {summary['secret_key_recovered'][mode]}; raw values "
               f"recovered: {summary['raw_values_recovered'][mode]}; honest-trainer R² "
-              f"{summary['honest_trainer_feature_r2'][mode]}")
+              f"{summary['honest_trainer_feature_r2'].get(mode, 'as in-process')}")
     print(f"wrote {out_path} and {out_path.with_suffix('.md')}")
     return 0

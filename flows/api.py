@@ -19,13 +19,10 @@ from typing import Any, Mapping
 import yaml
 
 from hetrain.core import store
-from hetrain.configure import load_config as _load_file, parse_config
+from hetrain.configure import load_config as _load_file, parse_config, resolve_paths
 from hetrain.core.config import RunConfig
 from hetrain.core.errors import ConfigError
 from hetrain.prefect_settings import quiet_prefect
-
-PATH_KEYS = {("key_holder", k) for k in ("token_file", "tls_ca", "tls_cert", "tls_key")}
-
 
 def load_config(source: "str | os.PathLike | Mapping[str, Any] | RunConfig", *,
                 base_dir: "str | os.PathLike | None" = None) -> RunConfig:
@@ -41,20 +38,7 @@ def load_config(source: "str | os.PathLike | Mapping[str, Any] | RunConfig", *,
     if not isinstance(source, Mapping):
         raise ConfigError(f"config: expected a path to a YAML file, a mapping or a RunConfig, got "
                           f"{type(source).__name__}")
-    return _absolute_paths(parse_config(dict(source), "config"), Path(base_dir or Path.cwd()))
-
-
-def _absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Owner tables, key-holder files and a folder exchange URL made absolute against `base`."""
-    owners = [o.model_copy(update={k: (base / v).resolve() for k in ("path", "pseudonym_key_file")
-                                   if (v := getattr(o, k)) is not None}) for o in cfg.data.owners]
-    files = {k: str((base / v).resolve()) for (_, k) in PATH_KEYS
-             if (v := getattr(cfg.key_holder, k)) is not None}
-    exchange = cfg.exchange
-    if exchange.url is not None and "://" not in exchange.url:
-        exchange = exchange.model_copy(update={"url": str((base / exchange.url).resolve())})
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"owners": owners}),
-                                  "key_holder": cfg.key_holder.model_copy(update=files), "exchange": exchange})
+    return resolve_paths(parse_config(dict(source), "config"), Path(base_dir or Path.cwd()))
 
 
 def config_file(config: "str | os.PathLike | Mapping[str, Any] | RunConfig", run_dir: Path) -> Path:

@@ -89,16 +89,22 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         cfg = parse_config(_environment_overrides(raw), str(path))
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to validate") from None
-    owners = [o.model_copy(update={k: (path.parent / v).resolve() for k in ("path", "pseudonym_key_file")
+    return resolve_paths(cfg, path.parent), path.resolve()
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """A config whose file paths (owner tables and pseudonym keys, key-holder files, a folder exchange URL) are
+    absolute, read relative to `base` (a YAML file's folder; a mapping's base directory)."""
+    owners = [o.model_copy(update={k: (base / v).resolve() for k in ("path", "pseudonym_key_file")
                                    if (v := getattr(o, k)) is not None}) for o in cfg.data.owners]
     data = cfg.data.model_copy(update={"owners": owners})
-    files = {k: (path.parent / v).resolve() for k, v in cfg.key_holder.model_dump().items()
+    files = {k: (base / v).resolve() for k, v in cfg.key_holder.model_dump().items()
              if k in KEY_HOLDER_FILES and v is not None}
     key_holder = cfg.key_holder.model_copy(update=files)
     exchange = cfg.exchange
-    if exchange.url is not None and "://" not in exchange.url:  # a plain folder, relative to the config's
-        exchange = exchange.model_copy(update={"url": str((path.parent / exchange.url).resolve())})
-    return cfg.model_copy(update={"data": data, "key_holder": key_holder, "exchange": exchange}), path.resolve()
+    if exchange.url is not None and "://" not in exchange.url:  # a plain folder, relative to the base
+        exchange = exchange.model_copy(update={"url": str((base / exchange.url).resolve())})
+    return cfg.model_copy(update={"data": data, "key_holder": key_holder, "exchange": exchange})
 
 
 KEY_HOLDER_FILES = ("token_file", "tls_ca", "tls_cert", "tls_key")

@@ -46,11 +46,13 @@ def test_load_config_from_a_mapping_resolves_relative_paths_against_base_dir(tmp
     # Prepare
     raw = yaml.safe_load((REPO / "configs" / "breast_cancer.yaml").read_text())
     raw["data"]["owners"][0]["path"] = "tables/a.csv"
+    raw["data"]["owners"][0]["pseudonym_key_file"] = "secrets/pseudonym.key"
     before = yaml.safe_dump(raw)
     # Execute
     cfg = hetrain.load_config(raw, base_dir=tmp_path)
-    # Assert
+    # Assert: the same resolution as a YAML file's (hetrain.configure.resolve_paths)
     assert cfg.data.owners[0].path == (tmp_path / "tables" / "a.csv").resolve()
+    assert cfg.data.owners[0].pseudonym_key_file == (tmp_path / "secrets" / "pseudonym.key").resolve()
     assert yaml.safe_dump(raw) == before  # the caller's mapping is left unchanged
     assert hetrain.load_config(cfg) is cfg
 

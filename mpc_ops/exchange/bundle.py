@@ -87,6 +87,22 @@ def _check_batch(owner: str, path: Path, split: str, b: int, batch, plan: Packin
                               f"a sha256 of 64 hex digits and bytes in [1, {MAX_BLOB_BYTES}]")
 
 
+def read_owner_manifest(root: Path, owner: str, key_id: str) -> dict:
+    """An owner's manifest from the exchange store: present, bounded, a JSON object, under this key id
+    (every layout's reader starts here, then checks its own layout)."""
+    path = Path(root) / owner / "manifest.json"
+    if not path.exists():
+        raise BundleError(f"owner '{owner}': no manifest at {path}; run the owner's preparation first")
+    data = store.read_bounded(path, MAX_MANIFEST_BYTES, f"owner '{owner}': manifest", BundleError)
+    manifest = store.parse_json(data, f"owner '{owner}': manifest {path}", BundleError)
+    if manifest.get("key_id") != key_id:
+        raise ForeignKeyError(
+            f"owner '{owner}': bundle was encrypted under key id {manifest.get('key_id')!r:.80}, "
+            f"but the key holder's key id is {key_id!r}; the owner must re-encrypt"
+        )
+    return manifest
+
+
 class ExchangeStore:
     """Reads owners' bundles from RUN_DIR/exchange after checking key id, layout and alignment."""
 
@@ -104,15 +120,7 @@ class ExchangeStore:
 
     def _manifest(self, owner: str, key_id: str) -> dict:
         path = self.root / owner / "manifest.json"
-        if not path.exists():
-            raise BundleError(f"owner '{owner}': no manifest at {path}; run the owner's preparation first")
-        data = store.read_bounded(path, MAX_MANIFEST_BYTES, f"owner '{owner}': manifest", BundleError)
-        manifest = store.parse_json(data, f"owner '{owner}': manifest {path}", BundleError)
-        if manifest.get("key_id") != key_id:
-            raise ForeignKeyError(
-                f"owner '{owner}': bundle was encrypted under key id {manifest.get('key_id')!r:.80}, "
-                f"but the key holder's key id is {key_id!r}; the owner must re-encrypt"
-            )
+        manifest = read_owner_manifest(self.root, owner, key_id)
         want = {"slots": self.plan.slots, "seg": self.plan.seg, "samples_per_ct": self.plan.samples_per_ct,
                 "forward": self.plan.forward}
         if manifest.get("layout") != want:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from hetrain.core import store
-from hetrain.mpc_ops.exchange.bundle import MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, BatchRef
+from hetrain.mpc_ops.exchange.bundle import MAX_BLOB_BYTES, BatchRef, read_owner_manifest
 from hetrain.mpc_ops.layers.circuit import CipherOps, Val
-from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError
+from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch
 from hetrain.mpc_ops.layers.tiled import Tiling
 from hetrain.mpc_ops.layers.tiled_net import Inputs
 
@@ -28,14 +28,7 @@ class TiledStore:
         self._ids: dict = {}
         self.manifests = {}
         for o in cfg.data.owners:
-            path = self.root / o.name / "manifest.json"
-            if not path.is_file():
-                raise BundleError(f"owner '{o.name}': no manifest at {path}; run the owner's preparation first")
-            manifest = store.parse_json(store.read_bounded(path, MAX_MANIFEST_BYTES, f"owner '{o.name}': manifest",
-                                                           BundleError), f"owner '{o.name}': manifest {path}", BundleError)
-            if manifest.get("key_id") != key_id:
-                raise ForeignKeyError(f"owner '{o.name}': bundle was encrypted under key id {manifest.get('key_id')!r}, "
-                                      f"but the key holder's key id is {key_id!r}; the owner must re-encrypt")
+            manifest = read_owner_manifest(self.root, o.name, key_id)
             layout = manifest.get("layout", {})
             if layout.get("kind") != "tiled" or layout.get("slots") != tiling.slots or layout.get("n") != tiling.n:
                 raise BundleError(f"owner '{o.name}': layout {layout} differs from the tiled plan "

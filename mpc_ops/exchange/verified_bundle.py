@@ -9,8 +9,8 @@ import numpy as np
 
 from hetrain.core import npyfile, shapes, store
 from hetrain.core.config import RunConfig
-from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch, ForeignKeyError
-from hetrain.mpc_ops.exchange.bundle import MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, MAX_SAMPLES, _blob_ok, _is_int
+from hetrain.core.errors import AlignmentError, BundleError, DigestMismatch
+from hetrain.mpc_ops.exchange.bundle import MAX_BLOB_BYTES, MAX_SAMPLES, _blob_ok, _is_int, read_owner_manifest
 
 MAX_CHUNKS = 4096
 
@@ -39,13 +39,7 @@ class VerifiedStore:
 
     def _manifest(self, owner: str, key_id: str) -> dict:
         path = self.root / owner / "manifest.json"
-        if not path.exists():
-            raise BundleError(f"owner '{owner}': no manifest at {path}; run the owner's preparation first")
-        manifest = store.parse_json(store.read_bounded(path, MAX_MANIFEST_BYTES, f"owner '{owner}': manifest",
-                                                       BundleError), f"owner '{owner}': manifest {path}", BundleError)
-        if manifest.get("key_id") != key_id:
-            raise ForeignKeyError(f"owner '{owner}': bundle was encrypted under key id {manifest.get('key_id')!r:.80}, "
-                                  f"but the key holder's key id is {key_id!r}; the owner must re-encrypt")
+        manifest = read_owner_manifest(self.root, owner, key_id)
         declared = next(o for o in self.cfg.data.owners if o.name == owner)
         want = {"kind": "verified", "slots": self.cfg.ckks.params().slots, "layer": self.layer,
                 "outputs": self.outputs, "offset": self.offsets[owner]}

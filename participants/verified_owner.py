@@ -20,6 +20,9 @@ from hetrain.core.config import OwnerConfig, RunConfig
 from hetrain.core.failpoints import failpoint
 from hetrain.mpc_ops.crypto import ckks, flooding, ring
 from hetrain.mpc_ops.reveal import verified
+from hetrain.core.errors import BundleError
+from hetrain.mpc_ops.exchange.bundle import MAX_MANIFEST_BYTES
+from hetrain.participants import pseudonyms
 from hetrain.participants.data_owner import _npy, _write, load_split
 
 MANIFEST = "manifest.json"
@@ -56,25 +59,26 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, mac_key: 
     out, local = Path(exchange_dir) / owner.name, Path(local_dir)
     layout = {"kind": "verified", "slots": slots, "layer": layer, "outputs": outputs, "offset": offset}
     data_sha256 = store.sha256_file(owner.path) if owner.path.is_file() else ""
-    kept = _reusable(out, local, key_id, layout, owner.features, data_sha256)
+    id_key = pseudonyms.fingerprint(pseudonyms.owner_key(cfg, owner))  # new pseudonyms mean new chunks
+    kept = _reusable(out, local, key_id, layout, owner.features, data_sha256, id_key)
     if kept is not None:
         return kept
     split = load_split(cfg, owner)
     primes = ring.coeff_modulus(params.poly_modulus_degree, params.coeff_mod_bit_sizes)[:-1]
     generation = f"g-verified-{os.urandom(4).hex()}"
     manifest = {"format": FORMAT, "owner": owner.name, "key_id": key_id, "features": owner.features,
-                "layout": layout, "data_sha256": split.data_sha256, "chunks": {}}
+                "layout": layout, "data_sha256": split.data_sha256, "pseudonym_key": id_key, "chunks": {}}
     tags: dict = {}
     mask_scale = 2.0 ** (2 * params.scale_bits)
     for part in ("train", "test"):
         x, ids, y = split.x[part], split.ids[part], split.y.get(part)
         for sl in chunks(len(x), slots):
-            pseudonyms = split.published(ids[sl])
+            published = split.published(ids[sl])
             chunk = verified.chunk_id(None if cfg.data.partition == "vertical" else owner.name, part, key_id,
-                                      pseudonyms)
+                                      published)
             n = sl.stop - sl.start
             entry = {"split": part, "n": n, "features": {}, "masks": {}, "mask_values": None, "labels": None,
-                     "ids": _write(out, generation, f"{chunk}/ids.json", json.dumps(pseudonyms).encode())}
+                     "ids": _write(out, generation, f"{chunk}/ids.json", json.dumps(published).encode())}
             tag_entry = {"n": n, "features": {}, "masks": {}}
             for j in range(x.shape[1]):
                 column = np.zeros(slots)
@@ -104,20 +108,23 @@ def prepare(cfg: RunConfig, owner: OwnerConfig, public_context: bytes, mac_key: 
 
 
 def _reusable(out: Path, local: Path, key_id: str, layout: dict, features: list[str],
-              data_sha256: str) -> tuple[dict, dict] | None:
-    """(manifest, tags) of the existing bundle if it was made from the same table, key and layout, else None."""
+              data_sha256: str, id_key: str) -> tuple[dict, dict] | None:
+    """(manifest, tags) of the existing bundle if it was made from the same table, key, pseudonym key and
+    layout, else None (anything odd in the published manifest means: encrypt again)."""
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = store.parse_json(store.read_bounded(out / MANIFEST, MAX_MANIFEST_BYTES, "manifest", BundleError),
+                                    "manifest", BundleError)
         kept = json.loads((local / TAGS_FILE).read_text())
-        same = (manifest.get("key_id"), manifest.get("layout"), manifest.get("features"), manifest.get("data_sha256"))
-        if same != (key_id, layout, features, data_sha256) or kept.get("key_id") != key_id \
+        same = (manifest.get("key_id"), manifest.get("layout"), manifest.get("features"), manifest.get("data_sha256"),
+                manifest.get("pseudonym_key"))
+        if same != (key_id, layout, features, data_sha256, id_key) or kept.get("key_id") != key_id \
                 or kept.get("data_sha256") != data_sha256 or set(kept["tags"]) != set(manifest["chunks"]):
             return None
         entries = [e for c in manifest["chunks"].values() for e in
                    [c["ids"], *c["features"].values(), *c["masks"].values()] + [c["mask_values"], c["labels"]] if e]
         if not all((out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in entries):
             return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (BundleError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     manifest["reused"] = True
     return manifest, kept["tags"]

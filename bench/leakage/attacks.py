@@ -98,11 +98,14 @@ def headroom_probe(t) -> Outcome:
     """Binary search on the key holder's range check with a known offset: a check before flooding gives a
     value to 1e-11; after flooding, to the flooding noise only."""
     try:
-        error, probes = t.probe_headroom()
+        estimates, probes = t.probe_headroom()
     except HetrainError as exc:
         return _refused("headroom_binary_search", exc)
-    return Outcome("headroom_binary_search", "leaked" if error < 1e-3 else "blocked",
-                   {"abs_error": float(f"{error:.3g}"), "decryptions": probes})
+    # unflooded, the searches agree to ~1e-11; flooded, they scatter by the noise (one may land close by luck)
+    spread = max(estimates) - min(estimates)
+    error = float(np.median([abs(e - t.HEADROOM_PROBE_VALUE) for e in estimates]))
+    return Outcome("headroom_binary_search", "leaked" if spread < 1e-6 else "blocked",
+                   {"abs_error": float(f"{error:.3g}"), "spread": float(f"{spread:.3g}"), "decryptions": probes})
 
 
 def one_hot_delta(t) -> Outcome:

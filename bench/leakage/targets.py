@@ -21,6 +21,8 @@ from hetrain.participants.table import load_table
 class Target:
     """One mode's run: the trainer after `Trainer.run`, its key holder live."""
 
+    HEADROOM_PROBE_VALUE = 3.25  # the known value the range-check probe searches for
+
     def __init__(self, trainer):
         self.trainer, self.rt, self.engine = trainer, trainer.rt, trainer.engine
         self.cfg = self.rt.cfg
@@ -111,13 +113,21 @@ class Target:
             found.append(self.trainer.revealer.reveal(enc)[:, : len(cols)])
         return np.concatenate(found, axis=1), truth
 
-    def probe_headroom(self) -> tuple[float, int]:
-        """Binary-search the offset at which a known value crosses the headroom; (|error|, decryptions)."""
-        value = 3.25
+    def probe_headroom(self, searches: int = 3) -> tuple[list[float], int]:
+        """Binary-search, `searches` times, the offset at which a known value crosses the headroom; (the value
+        each search infers, decryptions). A check on unflooded values answers the same every time."""
+        value = self.HEADROOM_PROBE_VALUE
         known = np.full(self.params.slots, value)
         fresh = ckks.load_vector(self.context, ckks.encrypt(self.context, known), ckks.fresh_layout(self.context))
         product = ckks.multiply_plain(fresh, np.ones(self.params.slots))
-        low, high, probes, refused_once = 0.0, 2.0 * self.params.headroom, 0, False
+        estimates, probes = [], 0
+        for _ in range(searches):
+            value_seen, probes = self._search_headroom(product, probes)
+            estimates.append(value_seen)
+        return estimates, probes
+
+    def _search_headroom(self, product, probes: int) -> tuple[float, int]:
+        low, high, refused_once = 0.0, 2.0 * self.params.headroom, False
         for _ in range(30):
             offset = (low + high) / 2
             shift = np.zeros(self.params.slots)
@@ -133,7 +143,7 @@ class Target:
                 high, refused_once = offset, True
         if not refused_once:
             raise BundleError("the range check never refused")
-        return abs((self.params.headroom - (low + high) / 2) - value), probes
+        return self.params.headroom - (low + high) / 2, probes
 
     def one_hot_gradient(self) -> tuple[np.ndarray, np.ndarray]:
         """X^T·e_i for each of the first 8 samples i of a batch, and their truth."""
